@@ -1,0 +1,1 @@
+"""The CA's domain: profiles, CSR policy, issuance, revocation, CRL and OCSP building, storage."""
