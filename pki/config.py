@@ -1,0 +1,202 @@
+"""Configuration: ca.toml, profiles/*.toml and ceremonies/*.toml, validated at load."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pki.errors import config_error, not_found
+
+KeyType = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
+SubjectAttribute = Literal["CN", "O", "OU", "C", "ST", "L", "serialNumber", "emailAddress"]
+SANType = Literal["dns", "ip", "uri", "email"]
+KeyUsageName = Literal[
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+]
+ExtendedKeyUsageName = Literal["server_auth", "client_auth", "ocsp_signing", "code_signing"]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HSMConfig(_Strict):
+    """HSMConfig names the PKCS#11 module, the token and where its PIN comes from."""
+
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token: str
+    pin_file: str | None = None
+    pin_env: str | None = None
+    softhsm_conf: str | None = None
+
+    @model_validator(mode="after")
+    def _one_pin_source(self) -> HSMConfig:
+        if (self.pin_file is None) == (self.pin_env is None):
+            raise ValueError("set exactly one of pin_file and pin_env")
+        return self
+
+
+class URLConfig(_Strict):
+    """URLConfig holds the base URLs embedded in certificates (OCSP, CRL, caIssuers)."""
+
+    ocsp: str = "http://127.0.0.1:8080/ocsp"
+    crl: str = "http://127.0.0.1:8080/crl"
+    ca_issuers: str = "http://127.0.0.1:8080/ca"
+
+    @field_validator("ocsp", "crl", "ca_issuers")
+    @classmethod
+    def _http(cls, v: str) -> str:
+        # RFC 5280 4.2.1.13 / 4.2.2.1: relying parties fetch these over HTTP; HTTPS
+        # would need revocation checking of its own server certificate.
+        if not v.startswith("http://"):
+            raise ValueError("must be an http:// URL")
+        return v.rstrip("/")
+
+
+class IssuerConfig(_Strict):
+    """IssuerConfig is one CA of the hierarchy: its key in the token and its profile."""
+
+    key_label: str
+    parent: str | None = None
+    ocsp_signer_key_label: str | None = None
+    issues: list[str] = Field(default_factory=list)  # profile names it may sign with
+
+
+class DatabaseConfig(_Strict):
+    url: str = "sqlite:///pki.db"
+
+
+class CAConfig(_Strict):
+    """CAConfig is ca.toml: token, database, URLs and the issuers."""
+
+    hsm: HSMConfig
+    database: DatabaseConfig = DatabaseConfig()
+    urls: URLConfig = URLConfig()
+    issuers: dict[str, IssuerConfig]
+
+    @field_validator("issuers")
+    @classmethod
+    def _parents_known(cls, v: dict[str, IssuerConfig]) -> dict[str, IssuerConfig]:
+        for name, issuer in v.items():
+            if issuer.parent is not None and issuer.parent not in v:
+                raise ValueError(f"issuer {name!r} names unknown parent {issuer.parent!r}")
+        return v
+
+
+class SubjectPolicy(_Strict):
+    required: list[SubjectAttribute] = Field(default_factory=list)
+    allowed: list[SubjectAttribute] = Field(default_factory=lambda: ["CN"])
+
+
+class NameConstraintsConfig(_Strict):
+    permitted_dns: list[str] = Field(default_factory=list)
+    excluded_dns: list[str] = Field(default_factory=list)
+
+
+class ProfileConfig(_Strict):
+    """ProfileConfig is one certificate profile (profiles/NAME.toml)."""
+
+    name: str
+    kind: Literal["root", "intermediate", "end-entity", "ocsp-signer"]
+    validity_days: Annotated[int, Field(gt=0, le=36500)]
+    key_types: list[KeyType]
+    subject: SubjectPolicy = SubjectPolicy()
+    san_types: list[SANType] = Field(default_factory=list)
+    san_required: bool = False
+    key_usage: list[KeyUsageName]
+    extended_key_usage: list[ExtendedKeyUsageName] = Field(default_factory=list)
+    path_length: int | None = None
+    name_constraints: NameConstraintsConfig | None = None
+    device_id_attribute: Literal["serialNumber", "CN"] | None = None
+    ocsp_no_check: bool = False
+    crl_distribution_point: bool = True
+    authority_info_access: bool = True
+    backdate_seconds: Annotated[int, Field(ge=0, le=3600)] = 60
+
+    @field_validator("key_types")
+    @classmethod
+    def _some_key_types(cls, v: list[KeyType]) -> list[KeyType]:
+        if not v:
+            raise ValueError("must name at least one key type")
+        return v
+
+
+class CeremonyConfig(_Strict):
+    """CeremonyConfig is one reviewed key ceremony (ceremonies/NAME.toml)."""
+
+    issuer: str
+    profile: str
+    key_type: KeyType
+    subject: dict[SubjectAttribute, str]
+    validity_days: Annotated[int, Field(gt=0, le=36500)] | None = None
+
+
+def _load_toml(path: Path) -> dict[str, object]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise config_error(f"{path}: file not found") from e
+    except tomllib.TOMLDecodeError as e:
+        raise config_error(f"{path}: not valid TOML: {e}") from e
+
+
+def _explain(path: Path, err: ValidationError) -> str:
+    problems = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        problems.append(f"{field}: {item['msg']}")
+    return f"{path}: " + "; ".join(problems)
+
+
+def _model(cls: type[M], path: Path, data: dict[str, object]) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise config_error(_explain(path, e)) from e
+
+
+class ConfigSet:
+    """ConfigSet is a whole configuration directory: ca.toml plus profiles and ceremonies."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca = _model(CAConfig, directory / "ca.toml", _load_toml(directory / "ca.toml"))
+        self.profiles: dict[str, ProfileConfig] = {}
+        for path in sorted((directory / "profiles").glob("*.toml")):
+            profile = _model(ProfileConfig, path, _load_toml(path))
+            if profile.name != path.stem:
+                raise config_error(f"{path}: name: must equal the file name {path.stem!r}")
+            self.profiles[profile.name] = profile
+        for name, issuer in self.ca.issuers.items():
+            for p in issuer.issues:
+                if p not in self.profiles:
+                    raise config_error(
+                        f"{directory / 'ca.toml'}: issuers.{name}.issues: unknown profile {p!r}"
+                    )
+
+    def profile(self, name: str) -> ProfileConfig:
+        try:
+            return self.profiles[name]
+        except KeyError:
+            raise not_found(f"no such profile: {name!r}") from None
+
+    def ceremony(self, path: Path) -> CeremonyConfig:
+        ceremony = _model(CeremonyConfig, path, _load_toml(path))
+        if ceremony.profile not in self.profiles:
+            raise config_error(f"{path}: profile: unknown profile {ceremony.profile!r}")
+        if ceremony.issuer not in self.ca.issuers:
+            raise config_error(f"{path}: issuer: {ceremony.issuer!r} is not in ca.toml")
+        return ceremony
