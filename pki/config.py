@@ -97,7 +97,7 @@ class CAConfig(_Strict):
 
 class SubjectPolicy(_Strict):
     required: list[SubjectAttribute] = Field(default_factory=list)
-    allowed: list[SubjectAttribute] = Field(default_factory=lambda: ["CN"])
+    allowed: list[SubjectAttribute] = Field(default_factory=lambda: list[SubjectAttribute](["CN"]))
 
 
 class NameConstraintsConfig(_Strict):

@@ -31,8 +31,16 @@ SUBJECT_OIDS: dict[str, x509.ObjectIdentifier] = {
 _NAMES_BY_OID = {oid: short for short, oid in SUBJECT_OIDS.items()}
 
 # RFC 5280 Appendix A upper bounds (ub-common-name 64, ub-serial-number 64, ...).
-_UPPER_BOUNDS = {"C": 2, "ST": 128, "L": 128, "O": 64, "OU": 64, "CN": 64,
-                 "serialNumber": 64, "emailAddress": 255}
+_UPPER_BOUNDS = {
+    "C": 2,
+    "ST": 128,
+    "L": 128,
+    "O": 64,
+    "OU": 64,
+    "CN": 64,
+    "serialNumber": 64,
+    "emailAddress": 255,
+}
 
 # Device IDs end up in subject serialNumber, a PrintableString (X.520): letters, digits,
 # space and '()+,-./:=? only. We allow the subset that is also safe in file names and URLs.
@@ -179,14 +187,17 @@ def requested_sans(csr: x509.CertificateSigningRequest) -> list[x509.GeneralName
     return list(ext.value)
 
 
-def normalize_sans(sans: list[x509.GeneralName], profile: ProfileConfig) -> tuple[x509.GeneralName, ...]:
+def normalize_sans(
+    sans: list[x509.GeneralName], profile: ProfileConfig
+) -> tuple[x509.GeneralName, ...]:
     """Checks SAN types against the profile and normalises them, keeping order, no duplicates."""
     out: list[x509.GeneralName] = []
     for name in sans:
         kind = _san_type(name)
         if kind not in profile.san_types:
-            raise policy(f"subject alternative name type {kind} is not allowed by profile "
-                         f"{profile.name}")
+            raise policy(
+                f"subject alternative name type {kind} is not allowed by profile {profile.name}"
+            )
         normal = _normalize_san(name)
         if normal not in out:
             out.append(normal)
@@ -216,13 +227,17 @@ def challenge_password(csr: x509.CertificateSigningRequest) -> str | None:
     return attr.value.decode("utf-8", "replace")
 
 
-def check_request(csr: x509.CertificateSigningRequest, profile: ProfileConfig) -> CertificateRequest:
+def check_request(
+    csr: x509.CertificateSigningRequest, profile: ProfileConfig
+) -> CertificateRequest:
     """Applies a profile's key, subject and SAN policy to a CSR whose signature verified."""
     public_key = csr.public_key()
     key_type = key_type_of(public_key)
     if key_type not in profile.key_types:
-        raise policy(f"key type {key_type} is not allowed by profile {profile.name} "
-                     f"(allowed: {', '.join(profile.key_types)})")
+        raise policy(
+            f"key type {key_type} is not allowed by profile {profile.name} "
+            f"(allowed: {', '.join(profile.key_types)})"
+        )
     subject = normalize_subject(csr.subject, profile)
     sans = normalize_sans(requested_sans(csr), profile)
     device_id = None
@@ -230,8 +245,10 @@ def check_request(csr: x509.CertificateSigningRequest, profile: ProfileConfig) -
         oid = SUBJECT_OIDS[profile.device_id_attribute]
         attrs = subject.get_attributes_for_oid(oid)
         if not attrs:
-            raise policy(f"profile {profile.name} needs the device ID in subject "
-                         f"{profile.device_id_attribute}")
+            raise policy(
+                f"profile {profile.name} needs the device ID in subject "
+                f"{profile.device_id_attribute}"
+            )
         device_id = check_device_id(str(attrs[0].value))
     return CertificateRequest(
         subject=subject,

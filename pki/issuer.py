@@ -30,14 +30,13 @@ from pki.csr import CertificateRequest, subject_text
 from pki.errors import ErrorKind, PKIError, config_error, internal
 from pki.profile import IssuerView, certificate_builder
 from pki.serial import new_serial, serial_hex
-from pki.store import CertificateRecord, CertificateStatus, Database, session_scope
-from pki.store import audit
+from pki.store import CertificateRecord, CertificateStatus, Database, audit, session_scope
 from pki.store.repository import CertificateRepository, DuplicateSerial
 
 SERIAL_ATTEMPTS = 5
 
 
-def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.HashAlgorithm:
+def signature_hash(key: CertificateIssuerPrivateKeyTypes) -> hashes.SHA256 | hashes.SHA384:
     """Picks the hash that matches the strength of an issuing key."""
     if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size >= 384:
         return hashes.SHA384()
@@ -119,8 +118,9 @@ class Issuer:
 class SelfSignedIssuer(Issuer):
     """SelfSignedIssuer signs its own certificate: a root during its key ceremony."""
 
-    def __init__(self, issuer_id: str, subject: x509.Name,
-                 key: CertificateIssuerPrivateKeyTypes) -> None:
+    def __init__(
+        self, issuer_id: str, subject: x509.Name, key: CertificateIssuerPrivateKeyTypes
+    ) -> None:
         self.issuer_id = issuer_id
         self.subject = subject
         self.key = key
@@ -129,8 +129,12 @@ class SelfSignedIssuer(Issuer):
 
     @property
     def view(self) -> IssuerView:
-        return IssuerView(issuer_id=self.issuer_id, name=self.subject,
-                          public_key=self.key.public_key(), not_after=None)
+        return IssuerView(
+            issuer_id=self.issuer_id,
+            name=self.subject,
+            public_key=self.key.public_key(),
+            not_after=None,
+        )
 
 
 class IssuanceHook(Protocol):
@@ -155,8 +159,12 @@ class Issued:
 
 
 def describe_san(name: x509.GeneralName) -> str:
-    kinds = {x509.DNSName: "dns", x509.IPAddress: "ip", x509.UniformResourceIdentifier: "uri",
-             x509.RFC822Name: "email"}
+    kinds = {
+        x509.DNSName: "dns",
+        x509.IPAddress: "ip",
+        x509.UniformResourceIdentifier: "uri",
+        x509.RFC822Name: "email",
+    }
     return f"{kinds.get(type(name), type(name).__name__)}:{name.value}"
 
 
@@ -190,15 +198,22 @@ class IssuanceService:
     ) -> Issued:
         """Issues a certificate for a checked request: lint, record pending, sign, record."""
         if issuer.profiles and profile.name not in issuer.profiles:
-            raise PKIError(ErrorKind.POLICY,
-                           f"issuer {issuer.issuer_id} does not issue profile {profile.name}")
+            raise PKIError(
+                ErrorKind.POLICY, f"issuer {issuer.issuer_id} does not issue profile {profile.name}"
+            )
         now = self.clock.now()
         sans = [describe_san(n) for n in request.sans]
         for _attempt in range(SERIAL_ATTEMPTS):
             serial = new_serial()
             builder = certificate_builder(
-                profile, serial=serial, subject=request.subject, sans=request.sans,
-                public_key=request.public_key, issuer=issuer.view, urls=self.urls, now=now,
+                profile,
+                serial=serial,
+                subject=request.subject,
+                sans=request.sans,
+                public_key=request.public_key,
+                issuer=issuer.view,
+                urls=self.urls,
+                now=now,
                 validity_days=validity_days,
             )
             pre = issuer.precertificate(builder)
@@ -211,19 +226,31 @@ class IssuanceService:
             try:
                 with session_scope(self.db) as session:
                     record = CertificateRepository(session).add_pending(
-                        issuer_id=issuer.issuer_id, serial_hex=serial_hex(serial),
-                        profile=profile.name, subject=subject_text(request.subject),
-                        sans=sans, device_id=request.device_id,
-                        not_before=pre.not_valid_before_utc, not_after=pre.not_valid_after_utc,
-                        tbs_der=tbs, at=now,
+                        issuer_id=issuer.issuer_id,
+                        serial_hex=serial_hex(serial),
+                        profile=profile.name,
+                        subject=subject_text(request.subject),
+                        sans=sans,
+                        device_id=request.device_id,
+                        not_before=pre.not_valid_before_utc,
+                        not_after=pre.not_valid_after_utc,
+                        tbs_der=tbs,
+                        at=now,
                     )
                     if on_recorded is not None:
                         on_recorded(record)
                     audit.append(
-                        session, at=now, actor=actor, action="certificate.pending",
+                        session,
+                        at=now,
+                        actor=actor,
+                        action="certificate.pending",
                         target=f"{issuer.issuer_id}/{serial_hex(serial)}",
-                        details={"profile": profile.name, "subject": record.subject,
-                                 "sans": sans, "device_id": request.device_id},
+                        details={
+                            "profile": profile.name,
+                            "subject": record.subject,
+                            "sans": sans,
+                            "device_id": request.device_id,
+                        },
                     )
                     record_id = record.id
             except DuplicateSerial:
@@ -247,7 +274,10 @@ class IssuanceService:
             record.fingerprint_sha256 = digest
             record.issued_at = self.clock.now()
             audit.append(
-                session, at=self.clock.now(), actor=actor, action="certificate.issued",
+                session,
+                at=self.clock.now(),
+                actor=actor,
+                action="certificate.issued",
                 target=f"{issuer.issuer_id}/{serial_hex(serial)}",
                 details={"fingerprint_sha256": digest, "key": _key_name(issuer)},
             )

@@ -99,7 +99,9 @@ def _run(validator: Any, doc_loader: Any, der: bytes, what: str) -> list[Finding
 def lint_certificate(cert_der: bytes) -> list[Finding]:
     """Returns every pkilint finding for a certificate under the RFC 5280 profile."""
     return _run(
-        _certificate_validator(), loader.RFC5280CertificateDocumentLoader(), cert_der,
+        _certificate_validator(),
+        loader.RFC5280CertificateDocumentLoader(),
+        cert_der,
         "certificate",
     )
 
@@ -108,7 +110,9 @@ def lint_crl(crl_der: bytes, *, authority: bool = False) -> list[Finding]:
     """Returns every pkilint finding for a CRL (or, with authority, an ARL)."""
     return _run(
         _crl_validator("ARL" if authority else "CRL"),
-        loader.RFC5280CertificateListDocumentLoader(), crl_der, "crl",
+        loader.RFC5280CertificateListDocumentLoader(),
+        crl_der,
+        "crl",
     )
 
 

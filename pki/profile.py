@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -45,7 +46,7 @@ def ca_issuers_url(urls: URLConfig, issuer_id: str) -> str:
     return f"{urls.ca_issuers}/{issuer_id}.der"
 
 
-def _key_usage(names: list[str]) -> x509.KeyUsage:
+def _key_usage(names: Sequence[str]) -> x509.KeyUsage:
     n = set(names)
     return x509.KeyUsage(
         digital_signature="digital_signature" in n,

@@ -21,7 +21,7 @@ def _postgres_base() -> str | None:
 
 def _admin_url(base: str) -> str:
     if base.startswith("postgresql://"):
-        return "postgresql+psycopg://" + base[len("postgresql://"):]
+        return "postgresql+psycopg://" + base[len("postgresql://") :]
     return base
 
 

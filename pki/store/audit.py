@@ -22,13 +22,26 @@ def canonical(details: dict[str, Any]) -> str:
 
 
 def event_hash(
-    *, seq: int, at: datetime.datetime, actor: str, action: str, target: str, details: str,
+    *,
+    seq: int,
+    at: datetime.datetime,
+    actor: str,
+    action: str,
+    target: str,
+    details: str,
     prev_hash: str,
 ) -> str:
     """Computes the hash that links an event to everything before it."""
     material = "\x1f".join(
-        [str(seq), at.astimezone(datetime.UTC).isoformat(), actor, action, target, details,
-         prev_hash]
+        [
+            str(seq),
+            at.astimezone(datetime.UTC).isoformat(),
+            actor,
+            action,
+            target,
+            details,
+            prev_hash,
+        ]
     )
     return hashlib.sha256(material.encode()).hexdigest()
 
@@ -52,10 +65,19 @@ def append(
     body = canonical(details or {})
     at = at.replace(microsecond=0)
     seq = head.seq + 1
-    digest = event_hash(seq=seq, at=at, actor=actor, action=action, target=target, details=body,
-                        prev_hash=head.hash)
-    event = AuditEvent(seq=seq, at=at, actor=actor, action=action, target=target, details=body,
-                       prev_hash=head.hash, hash=digest)
+    digest = event_hash(
+        seq=seq, at=at, actor=actor, action=action, target=target, details=body, prev_hash=head.hash
+    )
+    event = AuditEvent(
+        seq=seq,
+        at=at,
+        actor=actor,
+        action=action,
+        target=target,
+        details=body,
+        prev_hash=head.hash,
+        hash=digest,
+    )
     session.add(event)
     head.seq = seq
     head.hash = digest
@@ -82,21 +104,36 @@ def verify(session: Session, *, batch: int = 5000) -> Verification:
     count = 0
     last_seq = 0
     while True:
-        rows = session.execute(
-            select(AuditEvent).where(AuditEvent.seq > last_seq).order_by(AuditEvent.seq)
-            .limit(batch)
-        ).scalars().all()
+        rows = (
+            session.execute(
+                select(AuditEvent)
+                .where(AuditEvent.seq > last_seq)
+                .order_by(AuditEvent.seq)
+                .limit(batch)
+            )
+            .scalars()
+            .all()
+        )
         if not rows:
             break
         for ev in rows:
             if ev.seq != expected_seq:
-                return Verification(count, expected_seq,
-                                    f"event {expected_seq} is missing (deleted)")
+                return Verification(
+                    count, expected_seq, f"event {expected_seq} is missing (deleted)"
+                )
             if ev.prev_hash != prev:
-                return Verification(count, ev.seq,
-                                    f"event {ev.seq} does not link to event {ev.seq - 1}")
-            digest = event_hash(seq=ev.seq, at=ev.at, actor=ev.actor, action=ev.action,
-                                target=ev.target, details=ev.details, prev_hash=ev.prev_hash)
+                return Verification(
+                    count, ev.seq, f"event {ev.seq} does not link to event {ev.seq - 1}"
+                )
+            digest = event_hash(
+                seq=ev.seq,
+                at=ev.at,
+                actor=ev.actor,
+                action=ev.action,
+                target=ev.target,
+                details=ev.details,
+                prev_hash=ev.prev_hash,
+            )
             if digest != ev.hash:
                 return Verification(count, ev.seq, f"event {ev.seq} was altered")
             prev, expected_seq, last_seq = ev.hash, ev.seq + 1, ev.seq

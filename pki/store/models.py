@@ -102,8 +102,13 @@ class CertificateRecord(Base):
     serial_hex: Mapped[str] = mapped_column(String(40))
     profile: Mapped[str] = mapped_column(String(64))
     status: Mapped[CertificateStatus] = mapped_column(
-        Enum(CertificateStatus, name="certificate_status", native_enum=False, length=16,
-             values_callable=_values)
+        Enum(
+            CertificateStatus,
+            name="certificate_status",
+            native_enum=False,
+            length=16,
+            values_callable=_values,
+        )
     )
     subject: Mapped[str] = mapped_column(Text)
     sans: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of "type:value"
@@ -130,8 +135,9 @@ class Device(Base):
     model: Mapped[str | None] = mapped_column(String(128))
     batch: Mapped[str | None] = mapped_column(String(128), index=True)
     state: Mapped[DeviceState] = mapped_column(
-        Enum(DeviceState, name="device_state", native_enum=False, length=16,
-             values_callable=_values)
+        Enum(
+            DeviceState, name="device_state", native_enum=False, length=16, values_callable=_values
+        )
     )
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
@@ -143,8 +149,9 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     # seq is assigned as predecessor + 1 and is unique, so a deleted row leaves a gap.
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                     autoincrement=False)
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=False
+    )
     at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     actor: Mapped[str] = mapped_column(String(128))
     action: Mapped[str] = mapped_column(String(64))

@@ -23,9 +23,7 @@ class DuplicateSerial(PKIError):
 
 def _is_serial_clash(e: IntegrityError) -> bool:
     text = str(e.orig).lower()
-    return "uq_certificates_issuer_serial" in text or (
-        "unique" in text and "serial_hex" in text
-    )
+    return "uq_certificates_issuer_serial" in text or ("unique" in text and "serial_hex" in text)
 
 
 class IssuerRepository:

@@ -31,18 +31,27 @@ def build_hierarchy(db: Database, config_dir: Path = CONFIG_DIR) -> Hierarchy:
     ceremonies = CeremonyService(issuance)
     root_key = ec.generate_private_key(ec.SECP384R1())
     root = ceremonies.root(
-        config.ceremony(config_dir / "ceremonies" / "root.toml"), config.profile("root"),
-        root_key, key_uri="memory:root", actor="test",
+        config.ceremony(config_dir / "ceremonies" / "root.toml"),
+        config.profile("root"),
+        root_key,
+        key_uri="memory:root",
+        actor="test",
     )
-    root = Issuer("root", root.certificate, root_key,
-                  profiles=tuple(config.ca.issuers["root"].issues))
+    root = Issuer(
+        "root", root.certificate, root_key, profiles=tuple(config.ca.issuers["root"].issues)
+    )
     dev_key = ec.generate_private_key(ec.SECP256R1())
     devices = ceremonies.intermediate(
         config.ceremony(config_dir / "ceremonies" / "devices.toml"),
-        config.profile("intermediate"), dev_key, root, key_uri="memory:devices", actor="test",
+        config.profile("intermediate"),
+        dev_key,
+        root,
+        key_uri="memory:devices",
+        actor="test",
     )
-    devices = Issuer("devices", devices.certificate, dev_key,
-                     profiles=tuple(config.ca.issuers["devices"].issues))
+    devices = Issuer(
+        "devices", devices.certificate, dev_key, profiles=tuple(config.ca.issuers["devices"].issues)
+    )
     return Hierarchy(config, db, issuance, root, devices)
 
 

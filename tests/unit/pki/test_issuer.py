@@ -30,7 +30,9 @@ def pem(cert: x509.Certificate) -> bytes:
 def issue_device(h: Hierarchy, device_id: str = "DEV-0001") -> x509.Certificate:
     csr, _ = device_csr(device_id)
     request = check_request(load_csr(der(csr)), h.config.profile("device"))
-    return h.issuance.issue(h.devices, h.config.profile("device"), request, actor="test").certificate
+    return h.issuance.issue(
+        h.devices, h.config.profile("device"), request, actor="test"
+    ).certificate
 
 
 def count_certificates(h: Hierarchy) -> int:
@@ -46,7 +48,10 @@ class TestIssuance:
         (tmp_path / "dev.pem").write_bytes(pem(cert))
         out = subprocess.run(
             ["openssl", "verify", "-CAfile", "root.pem", "-untrusted", "int.pem", "dev.pem"],
-            cwd=tmp_path, capture_output=True, text=True, check=False,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
         )
         assert out.returncode == 0, out.stderr
         assert cert.subject.get_attributes_for_oid(NameOID.SERIAL_NUMBER)[0].value == "DEV-0001"
@@ -67,7 +72,9 @@ class TestIssuance:
         h = sqlite_hierarchy
         certs = [h.root.certificate, h.devices.certificate, issue_device(h)]
         for c in certs:
-            findings = lint.blocking(lint.lint_certificate(c.public_bytes(serialization.Encoding.DER)))
+            findings = lint.blocking(
+                lint.lint_certificate(c.public_bytes(serialization.Encoding.DER))
+            )
             assert findings == [], (c.subject, findings)
 
     def test_issuer_refuses_mismatched_key(self, sqlite_hierarchy: Hierarchy) -> None:
@@ -111,10 +118,16 @@ class TestSerials:
         cert = issue_device(hierarchy)
         with pytest.raises(DuplicateSerial), session_scope(hierarchy.db) as s:
             CertificateRepository(s).add_pending(
-                issuer_id="devices", serial_hex=serial_hex(cert.serial_number), profile="device",
-                subject="serialNumber=X", sans=[], device_id="X",
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-                tbs_der=b"\x30\x00", at=cert.not_valid_before_utc,
+                issuer_id="devices",
+                serial_hex=serial_hex(cert.serial_number),
+                profile="device",
+                subject="serialNumber=X",
+                sans=[],
+                device_id="X",
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                tbs_der=b"\x30\x00",
+                at=cert.not_valid_before_utc,
             )
         with session_scope(hierarchy.db) as s:
             rows = CertificateRepository(s).list(device_id="X")
