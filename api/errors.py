@@ -1,0 +1,53 @@
+"""The HTTP edge of the domain error: PKIError kinds to status codes and readable bodies."""
+
+from __future__ import annotations
+
+from flask import Flask, Response, jsonify
+
+from pki.errors import ErrorKind, PKIError
+
+STATUS = {
+    ErrorKind.BAD_REQUEST: 400,
+    ErrorKind.POLICY: 400,
+    ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNSUPPORTED_MEDIA: 415,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.CONFIG: 500,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+def status_for(error: PKIError) -> int:
+    """Returns the HTTP status for a domain error."""
+    return STATUS[error.kind]
+
+
+def error_response(error: PKIError, *, plain: bool = False) -> Response:
+    """Builds the response for a domain error: JSON for APIs, text/plain for EST clients."""
+    status = status_for(error)
+    # Internal and configuration errors say no more than that: details go to the log.
+    message = error.message if status < 500 or status == 503 else "internal error"
+    if plain:
+        response = Response(message + "\n", status=status, mimetype="text/plain")
+    else:
+        response = jsonify({"error": error.kind.value, "message": message})
+        response.status_code = status
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Basic realm="est", charset="UTF-8"'
+    if status == 503:
+        response.headers["Retry-After"] = "30"
+    return response
+
+
+def install(app: Flask, *, plain: bool = False) -> None:
+    """Maps PKIError to responses for every view of an app."""
+
+    @app.errorhandler(PKIError)
+    def _handle(error: PKIError) -> Response:
+        if status_for(error) >= 500 and status_for(error) != 503:
+            app.logger.error("request failed: %s", error.message)
+        return error_response(error, plain=plain)
