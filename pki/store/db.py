@@ -70,7 +70,7 @@ class Database:
         with self.engine.begin() as conn:
             cfg = alembic_config(self.url)
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, "heads")
 
     def ping(self) -> None:
         """Checks that the database answers."""

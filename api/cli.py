@@ -1,0 +1,548 @@
+"""The `pki` command: ceremonies, issuance, inspection, audit and the servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import hsm
+from api import cli_enroll, cli_revoke
+from api.runtime import Runtime
+from pki.ceremony import CeremonyService
+from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
+from pki.errors import ErrorKind, PKIError
+from pki.issuer import IssuanceHook, Issued
+from pki.serial import parse_serial, serial_hex
+from pki.store import CertificateStatus, audit, session_scope
+from pki.store.repository import CertificateRepository, IssuerRepository
+
+EXIT_CODES = {
+    ErrorKind.NOT_FOUND: 3,
+    ErrorKind.CONFIG: 4,
+    ErrorKind.UNAVAILABLE: 5,
+}
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _runtime(ctx: click.Context) -> Runtime:
+    rt: Runtime | None = ctx.obj.get("runtime")
+    if rt is None:
+        rt = Runtime.open(ctx.obj["config_dir"], ctx.obj["data_dir"])
+        ctx.obj["runtime"] = rt
+    return rt
+
+
+def _pause_hook(environ: dict[str, str] | os._Environ[str]) -> IssuanceHook:
+    # Fault injection for the crash tests: PKI_TEST_PAUSE_AT=pending makes the process
+    # announce the step in PKI_TEST_PAUSE_MARKER and wait there to be killed.
+    step_wanted = environ.get("PKI_TEST_PAUSE_AT")
+    marker = environ.get("PKI_TEST_PAUSE_MARKER")
+
+    def hook(step: str, record_id: int) -> None:
+        if step_wanted and step == step_wanted:
+            if marker:
+                Path(marker).write_text(str(record_id))
+            time.sleep(120)
+
+    return hook
+
+
+def _write_pem(path: Path, certs: list[x509.Certificate]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs))
+
+
+class PKIGroup(click.Group):
+    """PKIGroup turns domain and token errors into one readable line and an exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PKIError as e:
+            fail(e.message, EXIT_CODES.get(e.kind, 2))
+        except hsm.HSMError as e:
+            fail(f"HSM: {e}", 5)
+
+
+@click.group(cls=PKIGroup)
+@click.option(
+    "--config-dir",
+    envvar="PKI_CONFIG_DIR",
+    default="ca-config",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory with ca.toml, profiles/, ceremonies/.",
+)
+@click.option(
+    "--data-dir",
+    envvar="PKI_DATA_DIR",
+    default="dev-data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory with the database, token files, PIN files and exported certificates.",
+)
+@click.pass_context
+def main(ctx: click.Context, config_dir: str, data_dir: str) -> None:
+    """IoT device-identity CA: keys in an HSM, EST enrollment, OCSP and CRLs."""
+    ctx.ensure_object(dict)
+    ctx.obj["config_dir"] = config_dir
+    ctx.obj["data_dir"] = data_dir
+
+
+# --- database -------------------------------------------------------------------------
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create or migrate the schema to the newest version."""
+    _runtime(ctx).db.upgrade()
+    click.echo("database schema is up to date")
+
+
+# --- ceremonies -----------------------------------------------------------------------
+
+
+def _generate(rt: Runtime, label: str, key_type: str, *, reuse: bool = False) -> Any:
+    if reuse:
+        # A dev bootstrap that stopped after making a key but before certifying it
+        # picks the key up again instead of failing on the existing label.
+        try:
+            return rt.token.load_key(label)
+        except hsm.HSMError as e:
+            if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
+                raise
+    return rt.token.generate_key(label, key_type)
+
+
+def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
+    with session_scope(rt.db) as session:
+        record = IssuerRepository(session).find(issuer_id)
+        return record is not None and record.cert_der is not None
+
+
+@main.group()
+def ceremony() -> None:
+    """Key ceremonies: keys are generated inside the token, never outside it."""
+
+
+def _actor() -> str:
+    return f"cli:{os.environ.get('USER', 'operator')}"
+
+
+def _ceremony_root(rt: Runtime, path: Path, *, reuse: bool = False) -> None:
+    cer = rt.config.ceremony(path)
+    cfg = rt.config.ca.issuers[cer.issuer]
+    if cfg.parent is not None:
+        raise PKIError(
+            ErrorKind.CONFIG,
+            f"{path}: issuer {cer.issuer} has a parent; use 'pki ceremony intermediate'",
+        )
+    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    service = CeremonyService(rt.issuance())
+    issuer = service.root(
+        cer,
+        rt.config.profile(cer.profile),
+        key,
+        key_uri=rt.token.key_uri(cfg.key_label),
+        actor=_actor(),
+    )
+    out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
+    _write_pem(out, [issuer.certificate])
+    click.echo(f"root {issuer.issuer_id}: {issuer.certificate.subject.rfc4514_string()} -> {out}")
+
+
+def _ceremony_intermediate(rt: Runtime, path: Path, *, reuse: bool = False) -> None:
+    cer = rt.config.ceremony(path)
+    cfg = rt.config.ca.issuers[cer.issuer]
+    if cfg.parent is None:
+        raise PKIError(
+            ErrorKind.CONFIG,
+            f"ca.toml: issuers.{cer.issuer}.parent: an intermediate needs a parent",
+        )
+    parent = rt.issuer(cfg.parent)
+    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    service = CeremonyService(rt.issuance())
+    issuer = service.intermediate(
+        cer,
+        rt.config.profile(cer.profile),
+        key,
+        parent,
+        key_uri=rt.token.key_uri(cfg.key_label),
+        actor=_actor(),
+    )
+    out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
+    _write_pem(out, [issuer.certificate])
+    click.echo(
+        f"intermediate {issuer.issuer_id}: {issuer.certificate.subject.rfc4514_string()} -> {out}"
+    )
+
+
+def _ceremony_ocsp_signer(rt: Runtime, issuer_id: str, key_type: str) -> Issued:
+    cfg = rt.config.ca.issuers.get(issuer_id)
+    if cfg is None or cfg.ocsp_signer_key_label is None:
+        raise PKIError(
+            ErrorKind.CONFIG, f"ca.toml: issuers.{issuer_id}.ocsp_signer_key_label is not set"
+        )
+    issuer = rt.issuer(issuer_id)
+    # Each signer certificate gets a fresh key: a renewed responder never reuses a key.
+    label = f"{cfg.ocsp_signer_key_label}-{rt.clock.now().strftime('%Y%m%d%H%M%S')}"
+    key = _generate(rt, label, key_type)
+    issued = CeremonyService(rt.issuance()).ocsp_signer(
+        issuer,
+        rt.config.profile("ocsp-signer"),
+        key,
+        key_uri=rt.token.key_uri(label),
+        actor=_actor(),
+    )
+    out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
+    _write_pem(out, [issued.certificate])
+    click.echo(f"OCSP signer for {issuer_id}: serial {serial_hex(issued.serial)} -> {out}")
+    return issued
+
+
+@ceremony.command("root")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def ceremony_root(ctx: click.Context, config: Path) -> None:
+    """Generate the root key in the token and self-sign the root certificate."""
+    _ceremony_root(_runtime(ctx), config)
+
+
+@ceremony.command("intermediate")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def ceremony_intermediate(ctx: click.Context, config: Path) -> None:
+    """Generate an intermediate key in the token and certify it with its parent."""
+    _ceremony_intermediate(_runtime(ctx), config)
+
+
+@ceremony.command("ocsp-signer")
+@click.option("--issuer", "issuer_id", required=True, help="Issuer the responder answers for.")
+@click.option(
+    "--key-type",
+    default="ec-p256",
+    show_default=True,
+    type=click.Choice(["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]),
+)
+@click.pass_context
+def ceremony_ocsp_signer(ctx: click.Context, issuer_id: str, key_type: str) -> None:
+    """Generate a delegated OCSP responder key in the token and certify it."""
+    _ceremony_ocsp_signer(_runtime(ctx), issuer_id, key_type)
+
+
+# --- dev bootstrap --------------------------------------------------------------------
+
+
+def _write_secret(path: Path, value: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+
+
+def issue_server_certificate(
+    rt: Runtime, names: list[str], out_dir: Path, issuer_id: str | None = None
+) -> Issued:
+    """Issues a TLS server certificate for DNS names and IP addresses; the key stays in out_dir."""
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans: list[x509.GeneralName] = []
+    for n in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])])
+    request = CertificateRequest(
+        subject=subject,
+        sans=tuple(sans),
+        public_key=key.public_key(),
+        key_type=key_type_of(key.public_key()),
+        device_id=None,
+        challenge_password=None,
+    )
+    profile = rt.config.profile("server")
+    issuer = rt.issuer(issuer_id or rt.issuer_for_profile("server"))
+    issued = rt.issuance().issue(issuer, profile, request, actor=_actor())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_secret(
+        out_dir / "server.key",
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+        .strip(),
+    )
+    _write_pem(out_dir / "server.pem", [issued.certificate, issuer.certificate])
+    return issued
+
+
+@main.command("init")
+@click.option(
+    "--dev",
+    "dev_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Data directory to create the demo hierarchy in.",
+)
+@click.pass_context
+def init(ctx: click.Context, dev_dir: Path) -> None:
+    """Build the whole demo hierarchy: SoftHSM token, root, intermediate, OCSP signers, TLS."""
+    dev_dir = dev_dir.resolve()
+    ctx.obj["data_dir"] = str(dev_dir)
+    rt = _runtime(ctx)
+    if (dev_dir / "certs" / "chain.pem").exists():
+        click.echo(f"{dev_dir} is already initialised")
+        return
+    cfg = rt.config.ca.hsm
+    if not cfg.softhsm_conf or not cfg.pin_file:
+        raise PKIError(ErrorKind.CONFIG, "ca.toml: hsm: --dev needs softhsm_conf and pin_file")
+    dev_dir.mkdir(parents=True, exist_ok=True)
+    pin_path = rt.path(cfg.pin_file)
+    so_path = pin_path.with_name("hsm-so.pin")
+    if not pin_path.exists():
+        _write_secret(pin_path, secrets.token_hex(16))
+        _write_secret(so_path, secrets.token_hex(16))
+    tok = hsm.init_softhsm_token(
+        rt.path(cfg.softhsm_conf).parent,
+        cfg.token,
+        so_pin=so_path.read_text().strip(),
+        user_pin=pin_path.read_text().strip(),
+        module_path=cfg.module,
+    )
+    click.echo(f"SoftHSM token {tok.label!r} in {tok.token_dir}")
+    rt.db.upgrade()
+    roots = [i for i, c in rt.config.ca.issuers.items() if c.parent is None]
+    ceremonies = rt.config.directory / "ceremonies"
+    # Each step is skipped when done, so an interrupted bootstrap can simply run again.
+    for issuer_id in roots:
+        if not _issuer_done(rt, issuer_id):
+            _ceremony_root(rt, ceremonies / f"{issuer_id}.toml", reuse=True)
+    for issuer_id, c in rt.config.ca.issuers.items():
+        if c.parent is not None and not _issuer_done(rt, issuer_id):
+            _ceremony_intermediate(rt, ceremonies / f"{issuer_id}.toml", reuse=True)
+    for issuer_id, c in rt.config.ca.issuers.items():
+        if c.ocsp_signer_key_label and not (dev_dir / "certs" / f"{issuer_id}-ocsp.pem").exists():
+            _ceremony_ocsp_signer(rt, issuer_id, "ec-p256")
+    if not (dev_dir / "tls" / "server.pem").exists():
+        server = issue_server_certificate(rt, ["127.0.0.1"], dev_dir / "tls")
+        click.echo(f"TLS server certificate for 127.0.0.1: serial {serial_hex(server.serial)}")
+    chain = [rt.issuer(i).certificate for i in _chain_order(rt)]
+    _write_pem(dev_dir / "certs" / "chain.pem", chain)
+    click.echo(f"demo hierarchy ready in {dev_dir}")
+
+
+def _chain_order(rt: Runtime) -> list[str]:
+    """Orders issuers from the leaves' side up to the root (intermediates first)."""
+    issuers = rt.config.ca.issuers
+    return sorted(issuers, key=lambda i: issuers[i].parent is None)
+
+
+# --- issuance and inspection ----------------------------------------------------------
+
+
+@main.command("issue")
+@click.option("--profile", required=True, help="Profile name from ca-config/profiles/.")
+@click.option(
+    "--csr",
+    "csr_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="PKCS#10 request, PEM or DER.",
+)
+@click.option(
+    "--issuer",
+    "issuer_id",
+    default=None,
+    help="Issuer (default: the first in ca.toml that issues the profile).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the certificate (PEM) here instead of standard output.",
+)
+@click.pass_context
+def issue(
+    ctx: click.Context, profile: str, csr_path: Path, issuer_id: str | None, out: Path | None
+) -> None:
+    """Issue a certificate for a CSR as an operator: validate, lint, record, then sign."""
+    rt = _runtime(ctx)
+    prof = rt.config.profile(profile)
+    request = check_request(load_csr(csr_path.read_bytes()), prof)
+    issuer = rt.issuer(issuer_id or rt.issuer_for_profile(profile))
+    issued = rt.issuance(hook=_pause_hook(os.environ)).issue(issuer, prof, request, actor=_actor())
+    pem = issued.certificate.public_bytes(serialization.Encoding.PEM)
+    if out is None:
+        click.echo(pem.decode(), nl=False)
+    else:
+        out.write_bytes(pem)
+    click.echo(f"issued serial {serial_hex(issued.serial)} by {issuer.issuer_id}", err=True)
+
+
+@main.group()
+def cert() -> None:
+    """Inspect issued certificates."""
+
+
+def _record_dict(r: Any) -> dict[str, Any]:
+    return {
+        "serial": r.serial_hex,
+        "issuer": r.issuer_id,
+        "status": r.status.value,
+        "profile": r.profile,
+        "subject": r.subject,
+        "sans": json.loads(r.sans),
+        "device_id": r.device_id,
+        "not_before": r.not_before.isoformat(),
+        "not_after": r.not_after.isoformat(),
+        "fingerprint_sha256": r.fingerprint_sha256,
+        "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+        "revocation_reason": r.revocation_reason,
+    }
+
+
+@cert.command("show")
+@click.argument("serial")
+@click.option("--issuer", "issuer_id", default=None, help="Issuer, if the serial is ambiguous.")
+@click.option("--pem", is_flag=True, help="Print the certificate itself as PEM.")
+@click.pass_context
+def cert_show(ctx: click.Context, serial: str, issuer_id: str | None, pem: bool) -> None:
+    """Show one certificate by its serial number (hex)."""
+    rt = _runtime(ctx)
+    with session_scope(rt.db) as session:
+        r = CertificateRepository(session).by_serial(serial_hex(parse_serial(serial)), issuer_id)
+        if pem:
+            if r.cert_der is None:
+                raise PKIError(ErrorKind.CONFLICT, f"certificate {r.serial_hex} is still pending")
+            click.echo(
+                x509.load_der_x509_certificate(r.cert_der)
+                .public_bytes(serialization.Encoding.PEM)
+                .decode(),
+                nl=False,
+            )
+            return
+        click.echo(json.dumps(_record_dict(r), indent=2))
+
+
+@cert.command("list")
+@click.option("--device", "device_id", default=None, help="Only this device's certificates.")
+@click.option("--status", type=click.Choice([s.value for s in CertificateStatus]), default=None)
+@click.option("--issuer", "issuer_id", default=None)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def cert_list(
+    ctx: click.Context,
+    device_id: str | None,
+    status: str | None,
+    issuer_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List certificates, optionally by device, status and issuer."""
+    rt = _runtime(ctx)
+    with session_scope(rt.db) as session:
+        rows = CertificateRepository(session).list(
+            device_id=device_id,
+            status=CertificateStatus(status) if status else None,
+            issuer_id=issuer_id,
+            limit=limit,
+        )
+        for r in rows:
+            if as_json:
+                click.echo(json.dumps(_record_dict(r)))
+            else:
+                click.echo(
+                    f"{r.serial_hex:<34} {r.issuer_id:<12} {r.status.value:<8} "
+                    f"{r.profile:<12} {r.not_after:%Y-%m-%d} {r.subject}"
+                )
+
+
+@main.group("issuer")
+def issuer_group() -> None:
+    """Inspect the CAs."""
+
+
+@issuer_group.command("list")
+@click.pass_context
+def issuer_list(ctx: click.Context) -> None:
+    """List the issuers and their certificates' fingerprints."""
+    rt = _runtime(ctx)
+    with session_scope(rt.db) as session:
+        for r in IssuerRepository(session).all():
+            click.echo(f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} {r.subject}")
+
+
+# --- audit ----------------------------------------------------------------------------
+
+
+@main.group("audit")
+def audit_group() -> None:
+    """The hash-chained audit log."""
+
+
+@audit_group.command("verify")
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Check the whole audit chain; name the first edited or deleted event."""
+    rt = _runtime(ctx)
+    with session_scope(rt.db) as session:
+        result = audit.verify(session)
+    if result.ok:
+        click.echo(f"audit log intact: {result.events} events")
+        return
+    fail(
+        f"audit log broken at event {result.broken_seq}: {result.problem} "
+        f"({result.events} events verified before it)",
+        1,
+    )
+
+
+@audit_group.command("list")
+@click.option("--last", default=20, show_default=True, type=click.IntRange(1, 100000))
+@click.pass_context
+def audit_list(ctx: click.Context, last: int) -> None:
+    """Show the newest audit events."""
+    from sqlalchemy import select
+
+    from pki.store import AuditEvent
+
+    rt = _runtime(ctx)
+    with session_scope(rt.db) as session:
+        rows = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(last))
+        for ev in reversed(rows.scalars().all()):
+            click.echo(
+                f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {ev.actor:<20} {ev.action:<22} "
+                f"{ev.target} {ev.details}"
+            )
+
+
+cli_enroll.register(main)
+cli_revoke.register(main)
+
+if __name__ == "__main__":
+    main()
