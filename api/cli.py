@@ -497,6 +497,28 @@ def issuer_list(ctx: click.Context) -> None:
             click.echo(f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} {r.subject}")
 
 
+@main.group("key")
+def key_group() -> None:
+    """Inspect keys in the token."""
+
+
+@key_group.command("show")
+@click.argument("label")
+@click.pass_context
+def key_show(ctx: click.Context, label: str) -> None:
+    """Show a key's URI and protection attributes, and whether its private value can be read."""
+    rt = _runtime(ctx)
+    info: dict[str, Any] = {"label": label, "uri": rt.token.key_uri(label)}
+    info.update(rt.token.key_attributes(label))
+    try:
+        rt.token.read_private_value(label)
+        info["private_value_readable"] = True
+    except hsm.HSMError as e:
+        info["private_value_readable"] = False
+        info["token_says"] = str(e)
+    click.echo(json.dumps(info, indent=2))
+
+
 # --- audit ----------------------------------------------------------------------------
 
 
