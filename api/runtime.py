@@ -1,0 +1,128 @@
+"""The composition root: reads configuration, opens the database and the token, builds issuers.
+
+Only this module, the Flask app factories and api/cli.py open the token through `hsm` and
+hand key objects to `pki`; environment variables are read here and nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography import x509
+
+import hsm
+from pki.clock import Clock, SystemClock
+from pki.config import ConfigSet
+from pki.errors import config_error, not_found
+from pki.issuer import IssuanceHook, IssuanceService, Issuer, _no_hook
+from pki.store import Database, session_scope
+from pki.store.repository import IssuerRepository
+
+DEFAULT_CONFIG_DIR = "ca-config"
+DEFAULT_DATA_DIR = "dev-data"
+
+
+def resolve_database_url(url: str, data_dir: Path) -> str:
+    """Makes a relative SQLite path relative to the data directory."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != "sqlite://":
+        return prefix + str((data_dir / url[len(prefix) :]).resolve())
+    if url.startswith("postgresql://"):
+        # psycopg 3 is the driver we ship; plain postgresql:// would pick psycopg2.
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+@dataclasses.dataclass
+class Runtime:
+    """Runtime holds what a process opened: configuration, database, token, issuers."""
+
+    config: ConfigSet
+    data_dir: Path
+    environ: Mapping[str, str]
+    clock: Clock = dataclasses.field(default_factory=SystemClock)
+    _db: Database | None = None
+    _token: hsm.Token | None = None
+    _issuers: dict[str, Issuer] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def open(
+        cls,
+        config_dir: str | Path | None = None,
+        data_dir: str | Path | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> Runtime:
+        env = os.environ if environ is None else environ
+        cdir = Path(config_dir or env.get("PKI_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+        ddir = Path(data_dir or env.get("PKI_DATA_DIR") or DEFAULT_DATA_DIR)
+        return cls(config=ConfigSet(cdir), data_dir=ddir.resolve(), environ=env)
+
+    def path(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.data_dir / p
+
+    @property
+    def database_url(self) -> str:
+        url = self.environ.get("PKI_DATABASE_URL") or self.config.ca.database.url
+        return resolve_database_url(url, self.data_dir)
+
+    @property
+    def db(self) -> Database:
+        if self._db is None:
+            self._db = Database(self.database_url)
+        return self._db
+
+    @property
+    def token(self) -> hsm.Token:
+        if self._token is None:
+            cfg = self.config.ca.hsm
+            pin = hsm.read_pin(
+                pin_file=self.path(cfg.pin_file) if cfg.pin_file else None,
+                pin_env=cfg.pin_env,
+                environ=self.environ,
+            )
+            self._token = hsm.Token(
+                cfg.module,
+                cfg.token,
+                pin,
+                softhsm_conf=str(self.path(cfg.softhsm_conf)) if cfg.softhsm_conf else None,
+            )
+        return self._token
+
+    def issuance(self, hook: IssuanceHook = _no_hook) -> IssuanceService:
+        return IssuanceService(self.db, self.clock, self.config.ca.urls, hook=hook)
+
+    def issuer(self, issuer_id: str) -> Issuer:
+        """Opens an issuer: its certificate from the store, its key from the token."""
+        if issuer_id in self._issuers:
+            return self._issuers[issuer_id]
+        cfg = self.config.ca.issuers.get(issuer_id)
+        if cfg is None:
+            raise not_found(f"no issuer {issuer_id!r} in ca.toml")
+        with session_scope(self.db) as session:
+            record = IssuerRepository(session).get(issuer_id)
+            cert_der = record.cert_der
+        if cert_der is None:
+            raise config_error(f"issuer {issuer_id} has no certificate yet: finish its ceremony")
+        key = self.token.load_key(cfg.key_label)
+        issuer = Issuer(
+            issuer_id, x509.load_der_x509_certificate(cert_der), key, profiles=tuple(cfg.issues)
+        )
+        self._issuers[issuer_id] = issuer
+        return issuer
+
+    def issuer_for_profile(self, profile: str) -> str:
+        """Names the first issuer in ca.toml that issues a profile."""
+        for issuer_id, cfg in self.config.ca.issuers.items():
+            if profile in cfg.issues:
+                return issuer_id
+        raise not_found(f"no issuer in ca.toml issues profile {profile!r}")
+
+    def close(self) -> None:
+        if self._token is not None:
+            self._token.close()
+        if self._db is not None:
+            self._db.dispose()
