@@ -2,9 +2,278 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+from pathlib import Path
+
 import click
+
+from api.runtime import Runtime
+from pki.errors import ErrorKind, PKIError
+from pki.est_config import ESTConfig, anchor_paths, load_est_config
+from pki.store import DeviceState
+
+GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "scripts" / "gunicorn_ca.py"
+
+
+def _runtime(ctx: click.Context) -> Runtime:
+    obj = ctx.find_root().obj
+    rt: Runtime | None = obj.get("runtime")
+    if rt is None:
+        rt = Runtime.open(obj["config_dir"], obj["data_dir"])
+        obj["runtime"] = rt
+    return rt
+
+
+def _est(rt: Runtime) -> ESTConfig:
+    return load_est_config(rt.config)
+
+
+def _actor() -> str:
+    return f"cli:{os.environ.get('USER', 'operator')}"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Writes a file only its owner can read (0600), replacing any earlier one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
 
 
 def register(group: click.Group) -> None:
     """Adds this module's commands to the pki group."""
-    del group
+    group.add_command(device)
+    group.add_command(enrollment)
+    existing = group.commands.get("serve")
+    if isinstance(existing, click.Group):
+        existing.add_command(serve_ca)  # another module made `pki serve` first (va)
+    else:
+        group.add_command(serve)
+
+
+# --- devices --------------------------------------------------------------------------
+
+
+@click.group()
+def device() -> None:
+    """The device registry and one-time enrollment secrets."""
+
+
+@device.command("add")
+@click.argument("device_id")
+@click.option("--model", default=None, help="Device model.")
+@click.option("--batch", default=None, help="Production batch.")
+@click.pass_context
+def device_add(ctx: click.Context, device_id: str, model: str | None, batch: str | None) -> None:
+    """Register one device (state: registered)."""
+    from api.app_ca import device_service
+
+    rt = _runtime(ctx)
+    info = device_service(rt, _est(rt)).add(device_id, model=model, batch=batch, actor=_actor())
+    click.echo(f"device {info.device_id} registered")
+
+
+@device.command("import")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.pass_context
+def device_import(ctx: click.Context, csv_file: Path) -> None:
+    """Register devices from CSV (header: id[,model][,batch]); all or nothing, idempotent."""
+    from api.app_ca import device_service
+
+    rt = _runtime(ctx)
+    try:
+        text = csv_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise PKIError(ErrorKind.BAD_REQUEST, f"{csv_file}: not UTF-8 text") from None
+    result = device_service(rt, _est(rt)).import_csv(text, actor=_actor(), source=str(csv_file))
+    click.echo(f"{result.added} devices added, {result.unchanged} already registered")
+
+
+@device.command("secret")
+@click.argument("device_id")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the secret to this file (mode 0600).",
+)
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the secret on standard output.")
+@click.pass_context
+def device_secret(ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool) -> None:
+    """Draw a new one-time enrollment secret; an unused older one stops working."""
+    from api.app_ca import device_service
+
+    if (out is None) == (not to_stdout):
+        raise click.UsageError("say where the secret goes: --out FILE or --stdout (one of them)")
+    rt = _runtime(ctx)
+    new = device_service(rt, _est(rt)).new_secret(device_id, actor=_actor())
+    if out is not None:
+        _write_private(out, new.secret + "\n")
+        click.echo(f"secret for {device_id} written to {out}, valid until {new.expires_at}")
+    else:
+        click.echo(new.secret)
+        click.echo(f"valid until {new.expires_at.isoformat()}", err=True)
+
+
+@device.command("show")
+@click.argument("device_id")
+@click.pass_context
+def device_show(ctx: click.Context, device_id: str) -> None:
+    """Show a device: state, secret expiry, failed logins (never the secret)."""
+    from api.app_ca import device_service
+
+    rt = _runtime(ctx)
+    click.echo(json.dumps(device_service(rt, _est(rt)).show(device_id).as_dict(), indent=2))
+
+
+@device.command("list")
+@click.option("--state", type=click.Choice([s.value for s in DeviceState]), default=None)
+@click.option("--batch", default=None)
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 1_000_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.pass_context
+def device_list(
+    ctx: click.Context, state: str | None, batch: str | None, limit: int, as_json: bool
+) -> None:
+    """List devices by ID."""
+    from api.app_ca import device_service
+
+    rt = _runtime(ctx)
+    rows = device_service(rt, _est(rt)).list(
+        state=DeviceState(state) if state else None, batch=batch, limit=limit
+    )
+    for info in rows:
+        if as_json:
+            click.echo(json.dumps(info.as_dict()))
+        else:
+            click.echo(
+                f"{info.device_id:<24} {info.state.value:<14} {info.model or '-':<16} "
+                f"{info.batch or '-'}"
+            )
+
+
+@device.command("decommission")
+@click.argument("device_id")
+@click.pass_context
+def device_decommission(ctx: click.Context, device_id: str) -> None:
+    """Retire a device: its secrets stop working and it cannot enroll again."""
+    from api.app_ca import device_service
+
+    rt = _runtime(ctx)
+    device_service(rt, _est(rt)).decommission(device_id, actor=_actor())
+    click.echo(f"device {device_id} decommissioned")
+
+
+# --- enrollment -----------------------------------------------------------------------
+
+
+@click.group()
+def enrollment() -> None:
+    """EST requests waiting for approval; superseded certificates."""
+
+
+@enrollment.command("approve")
+@click.argument("device_id")
+@click.pass_context
+def enrollment_approve(ctx: click.Context, device_id: str) -> None:
+    """Approve a device's waiting request; its next retry gets the certificate."""
+    from api.app_ca import enrollment_service
+
+    rt = _runtime(ctx)
+    count = enrollment_service(rt, _est(rt)).approve(device_id, actor=_actor())
+    click.echo(f"approved {count} request(s) of device {device_id}")
+
+
+@enrollment.command("pending")
+@click.pass_context
+def enrollment_pending(ctx: click.Context) -> None:
+    """List requests waiting for approval."""
+    from api.app_ca import enrollment_service
+
+    rt = _runtime(ctx)
+    for approval_id, device_id, label, operation, since in enrollment_service(
+        rt, _est(rt)
+    ).pending_approvals():
+        click.echo(f"{approval_id:>6} {device_id:<24} {label:<12} {operation:<14} {since:%FT%TZ}")
+
+
+@enrollment.command("sweep")
+@click.pass_context
+def enrollment_sweep(ctx: click.Context) -> None:
+    """Revoke (superseded) certificates whose successor is past the grace period."""
+    from api.app_ca import enrollment_service
+
+    rt = _runtime(ctx)
+    revoked = enrollment_service(rt, _est(rt)).sweep_superseded()
+    click.echo(f"{len(revoked)} superseded certificate(s) revoked")
+
+
+# --- servers --------------------------------------------------------------------------
+
+
+@click.group()
+def serve() -> None:
+    """Run the servers."""
+
+
+@serve.command("ca")
+@click.option("--bind", default="127.0.0.1:8443", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256))
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256))
+@click.option(
+    "--certfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TLS server certificate chain (default: est.toml tls_certfile).",
+)
+@click.option(
+    "--keyfile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TLS server key (default: est.toml tls_keyfile).",
+)
+@click.pass_context
+def serve_ca(
+    ctx: click.Context,
+    bind: str,
+    workers: int,
+    threads: int,
+    certfile: Path | None,
+    keyfile: Path | None,
+) -> None:
+    """Run the CA front (EST, admin API, /healthz) under gunicorn over HTTPS."""
+    rt = _runtime(ctx)
+    est = _est(rt)
+    cert = certfile or rt.path(est.tls_certfile)
+    key = keyfile or rt.path(est.tls_keyfile)
+    # Client certificates verify against our own CAs (re-enrollment) and the manufacturers'
+    # anchors (IDevID); the app then checks which one a label accepts.
+    client_cas = [rt.data_dir / "certs" / "chain.pem", *anchor_paths(est, rt.data_dir)]
+    for path in (cert, key, *client_cas):
+        if not path.is_file():
+            raise PKIError(ErrorKind.CONFIG, f"{path}: file not found")
+    if not rt.db.has_schema():
+        raise PKIError(ErrorKind.CONFIG, "the database has no schema: run 'pki db upgrade'")
+    rt.db.upgrade()  # adds tables of newer migrations (idempotent)
+    env = dict(os.environ)
+    env.update(
+        {
+            "PKI_CONFIG_DIR": str(rt.config.directory.resolve()),
+            "PKI_DATA_DIR": str(rt.data_dir),
+            "PKI_CA_BIND": bind,
+            "PKI_CA_WORKERS": str(workers),
+            "PKI_CA_THREADS": str(threads),
+            "PKI_CA_CERTFILE": str(cert.resolve()),
+            "PKI_CA_KEYFILE": str(key.resolve()),
+            "PKI_CA_CLIENT_CAS": os.pathsep.join(str(p.resolve()) for p in client_cas),
+        }
+    )
+    rt.close()
+    click.echo(f"CA front on https://{bind}/ (EST at /.well-known/est/)", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONFIG)]
+    os.execve(sys.executable, argv, env)  # noqa: S606 (no shell: argv is a list)

@@ -1,0 +1,488 @@
+"""EST enrollment: who may get which certificate, checked before anything is stored or signed.
+
+`EnrollmentService` is the domain side of RFC 7030. The HTTP edge (api/est) decodes the
+wire formats and builds a `ClientIdentity`; this module authenticates it against the
+label's allowed methods, applies the profile's CSR policy, matches the CSR's device ID to
+the authenticated device, and hands the request to the record-before-sign issuance cycle.
+
+One active identity per device and profile (DESIGN.md invariant 5): when a device gets a
+new certificate of a profile, every older unrevoked certificate of that device and profile
+is revoked with reason superseded, at once or `supersede_grace_seconds` later (est.toml).
+With a grace period, `sweep_superseded` (run after each enrollment and by
+`pki enrollment sweep`) revokes those whose successor is old enough.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from pki import serverkeygen
+from pki.clock import Clock
+from pki.config import ConfigSet, ProfileConfig
+from pki.csr import CertificateRequest, check_request, load_csr, subject_text
+from pki.device import Authenticated, DeviceService, forbidden, unauthorized
+from pki.errors import ErrorKind, PKIError, bad_request, not_found
+from pki.est_config import ESTConfig, LabelConfig
+from pki.identity import ClientIdentity
+from pki.issuer import IssuanceService, Issuer
+from pki.revocation import RevocationService
+from pki.serial import serial_hex
+from pki.serverkeygen import ServerGeneratedKey
+from pki.store import CertificateRecord, CertificateStatus, Database, audit, session_scope
+from pki.store.enrollment_models import ApprovalState, PendingApproval
+from pki.store.enrollment_repository import ApprovalRepository, session_of
+from pki.store.repository import CertificateRepository, IssuerRepository
+
+log = logging.getLogger(__name__)
+
+Method = Literal["basic", "idevid", "reenroll"]
+
+
+class IssuerSource(Protocol):
+    """IssuerSource opens an issuer (certificate and signing key) by its ID."""
+
+    def issuer(self, issuer_id: str) -> Issuer: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Enrolled:
+    """Enrolled is a certificate issued over EST, with its issuing chain (issuer first)."""
+
+    device_id: str
+    certificate: x509.Certificate
+    cert_der: bytes
+    serial_hex: str
+    chain: tuple[x509.Certificate, ...]
+    method: Method
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyGenerated:
+    """KeyGenerated is a serverkeygen result: the certificate and its software-made key."""
+
+    enrolled: Enrolled
+    key: ServerGeneratedKey = dataclasses.field(repr=False)
+    # CMS EnvelopedData of the key when the CSR asked for an encrypted key (RFC 7030 4.4.2).
+    encrypted_key_der: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ApprovalPending:
+    """ApprovalPending says the request waits for an operator; retry after some seconds."""
+
+    approval_id: int
+    device_id: str
+    retry_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Who:
+    device_id: str
+    method: Method
+    secret: Authenticated | None = None
+    register: bool = False
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _sans(cert: x509.Certificate) -> set[x509.GeneralName]:
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
+class EnrollmentService:
+    """EnrollmentService answers EST requests for the labels of est.toml. See RFC 7030 4."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        clock: Clock,
+        config: ConfigSet,
+        est: ESTConfig,
+        issuance: IssuanceService,
+        issuers: IssuerSource,
+        devices: DeviceService,
+        revocation: RevocationService,
+        anchors: Mapping[str, Sequence[x509.Certificate]] | None = None,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.config = config
+        self.est = est
+        self.issuance = issuance
+        self.issuers = issuers
+        self.devices = devices
+        self.revocation = revocation
+        self.anchors = dict(anchors or {})
+
+    # --- read-only operations ---------------------------------------------------------
+
+    def label(self, name: str | None) -> tuple[str, LabelConfig]:
+        """Resolves a label from the URL (None: the default label)."""
+        return self.est.label(name)
+
+    def profile(self, label: str | None) -> ProfileConfig:
+        """Returns the profile a label issues with (for csrattrs). See RFC 7030 4.5."""
+        _, cfg = self.label(label)
+        return self.config.profile(cfg.profile)
+
+    def cacerts(self, label: str | None) -> list[x509.Certificate]:
+        """Returns the label's issuing CA and its parents up to the root. See RFC 7030 4.1."""
+        _, cfg = self.label(label)
+        chain: list[x509.Certificate] = []
+        issuer_id: str | None = cfg.issuer
+        with session_scope(self.db) as session:
+            repo = IssuerRepository(session)
+            while issuer_id is not None and len(chain) < 10:
+                record = repo.get(issuer_id)
+                if record.cert_der is None:
+                    raise PKIError(ErrorKind.UNAVAILABLE, f"issuer {issuer_id} has no certificate")
+                chain.append(x509.load_der_x509_certificate(record.cert_der))
+                issuer_id = record.parent_id
+        return chain
+
+    # --- enrollment -------------------------------------------------------------------
+
+    def enroll(
+        self, csr_der: bytes, label: str | None, identity: ClientIdentity
+    ) -> Enrolled | ApprovalPending:
+        """Issues a device's certificate after Basic or IDevID login. See RFC 7030 4.2.1."""
+        name, cfg = self.label(label)
+        who = self._authenticate_initial(name, cfg, identity)
+        csr = load_csr(csr_der)
+        request = self._request_for(csr, cfg, who.device_id)
+        pending = self._approval(name, cfg, who, csr_der, "simpleenroll")
+        if pending is not None:
+            return pending
+        return self._issue(name, cfg, who, request, csr_der)
+
+    def reenroll(self, csr_der: bytes, label: str | None, identity: ClientIdentity) -> Enrolled:
+        """Renews a certificate for the holder of the current one. See RFC 7030 4.2.2."""
+        name, cfg = self.label(label)
+        if "reenroll" not in cfg.auth:
+            raise forbidden(f"label {name} does not allow re-enrollment")
+        record_serial, device_id, current = self._our_current_certificate(cfg, identity)
+        csr = load_csr(csr_der)
+        request = self._request_for(csr, cfg, device_id)
+        # RFC 7030 4.2.2: "The Subject field and SubjectAltName extension MUST be identical
+        # to the corresponding fields in the certificate being renewed/rekeyed."
+        if request.subject != current.subject:
+            raise forbidden(
+                f"CSR subject {subject_text(request.subject)} differs from the current "
+                f"certificate's {subject_text(current.subject)}"
+            )
+        if set(request.sans) != _sans(current):
+            raise forbidden("CSR subjectAltName differs from the current certificate's")
+        who = _Who(device_id=device_id, method="reenroll")
+        enrolled = self._issue(name, cfg, who, request, csr_der)
+        log.info("device %s re-enrolled, superseding %s", device_id, record_serial)
+        return enrolled
+
+    def serverkeygen(
+        self, csr_der: bytes, label: str | None, identity: ClientIdentity
+    ) -> KeyGenerated | ApprovalPending:
+        """Issues a certificate for a key made here, in software. See RFC 7030 4.4."""
+        name, cfg = self.label(label)
+        if not cfg.serverkeygen:
+            raise not_found(f"label {name} does not offer server-side key generation")
+        who = self._authenticate_initial(name, cfg, identity)
+        csr = load_csr(csr_der)
+        request = self._request_for(csr, cfg, who.device_id)
+        wanted = serverkeygen.requested_decrypt_key_id(csr)
+        recipient: x509.Certificate | None = None
+        if wanted is not None:
+            if wanted.kind == "symmetric":
+                raise bad_request("DecryptKeyIdentifier (symmetric key wrapping) is not supported")
+            recipient = self._recipient(identity, wanted.key_id)
+        pending = self._approval(name, cfg, who, csr_der, "serverkeygen")
+        if pending is not None:
+            return pending
+        profile = self.config.profile(cfg.profile)
+        key_type = request.key_type
+        if key_type not in serverkeygen.KEY_TYPES:
+            key_type = next(k for k in profile.key_types if k in serverkeygen.KEY_TYPES)
+        key = serverkeygen.generate_key(key_type)
+        request = dataclasses.replace(request, public_key=key.public_key(), key_type=key_type)
+        enrolled = self._issue(name, cfg, who, request, csr_der)
+        encrypted = None
+        if recipient is not None:
+            encrypted = serverkeygen.encrypt_key_for_recipient(key, recipient)
+        return KeyGenerated(enrolled, key, encrypted)
+
+    # --- approvals --------------------------------------------------------------------
+
+    def approve(self, device_id: str, *, actor: str) -> int:
+        """Approves every request of a device that waits for approval; returns how many."""
+        now = self.clock.now()
+        with session_scope(self.db) as session:
+            rows = ApprovalRepository(session).by_state(ApprovalState.PENDING, device_id)
+            if not rows:
+                raise not_found(f"device {device_id} has no request waiting for approval")
+            for row in rows:
+                row.state = ApprovalState.APPROVED
+                row.decided_at = now
+                row.decided_by = actor
+                audit.append(
+                    session,
+                    at=now,
+                    actor=actor,
+                    action="enrollment.approved",
+                    target=device_id,
+                    details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
+                )
+            return len(rows)
+
+    def pending_approvals(self) -> list[tuple[int, str, str, str, datetime.datetime]]:
+        """Lists requests waiting for approval: (id, device, label, operation, since)."""
+        with session_scope(self.db) as session:
+            rows = ApprovalRepository(session).by_state(ApprovalState.PENDING)
+            return [(r.id, r.device_id, r.label, r.operation, r.created_at) for r in rows]
+
+    # --- superseding ------------------------------------------------------------------
+
+    def sweep_superseded(self, device_id: str | None = None) -> list[str]:
+        """Revokes (superseded) certificates whose newer successor is past the grace period."""
+        now = self.clock.now()
+        due: list[tuple[str, str]] = []
+        with session_scope(self.db) as session:
+            repo = CertificateRepository(session)
+            if device_id is not None:
+                records = list(repo.list(device_id=device_id, status=CertificateStatus.ISSUED))
+            else:
+                records = [
+                    r
+                    for r in repo.list(status=CertificateStatus.ISSUED, limit=1_000_000)
+                    if r.device_id is not None
+                ]
+            groups: dict[tuple[str, str], list[CertificateRecord]] = {}
+            for r in records:
+                if r.device_id is not None and r.issued_at is not None:
+                    groups.setdefault((r.device_id, r.profile), []).append(r)
+            for group in groups.values():
+                group.sort(key=lambda r: (r.issued_at, r.id))
+                newest = group[-1]
+                assert newest.issued_at is not None
+                if newest.issued_at + self.est.supersede_grace <= now:
+                    due.extend((r.serial_hex, r.issuer_id) for r in group[:-1])
+        revoked = []
+        for serial, issuer_id in due:
+            try:
+                self.revocation.revoke(
+                    serial,
+                    x509.ReasonFlags.superseded,
+                    actor="est:supersede",
+                    issuer_id=issuer_id,
+                )
+                revoked.append(serial)
+            except PKIError as e:
+                # The new certificate stands; the next sweep tries again.
+                log.warning("could not revoke superseded %s/%s: %s", issuer_id, serial, e.message)
+        return revoked
+
+    # --- internals --------------------------------------------------------------------
+
+    def _authenticate_initial(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> _Who:
+        # RFC 7030 3.3.2: a client certificate that the server cannot use for this label does
+        # not stop HTTP-based client authentication.
+        if "idevid" in cfg.auth and identity.has_certificate:
+            device_id = self._idevid_device_id(name, cfg, identity)
+            if device_id is not None:
+                return _Who(device_id=device_id, method="idevid", register=True)
+        if "basic" in cfg.auth and identity.basic is not None:
+            auth = self.devices.authenticate(identity.basic.username, identity.basic.password)
+            return _Who(device_id=auth.device_id, method="basic", secret=auth)
+        if identity.has_certificate and "idevid" in cfg.auth:
+            raise forbidden(
+                f"the client certificate is not from a manufacturer label {name} trusts"
+            )
+        if "basic" in cfg.auth:
+            raise unauthorized("authentication required: device ID and one-time secret")
+        raise unauthorized(f"label {name} needs a client certificate")
+
+    def _idevid_device_id(
+        self, name: str, cfg: LabelConfig, identity: ClientIdentity
+    ) -> str | None:
+        leaf = identity.leaf()
+        now = self.clock.now()
+        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+            return None
+        issuers = list(self.anchors.get(name, ()))
+        # A manufacturer intermediate the client sent counts if an anchor issued it.
+        for intermediate in identity.intermediates():
+            if any(_issued_by(intermediate, anchor) for anchor in issuers):
+                issuers.append(intermediate)
+        if not any(_issued_by(leaf, issuer) for issuer in issuers):
+            return None
+        oid = (
+            NameOID.SERIAL_NUMBER if cfg.idevid_device_id == "serialNumber" else NameOID.COMMON_NAME
+        )
+        attrs = leaf.subject.get_attributes_for_oid(oid)
+        if not attrs:
+            raise forbidden(f"the manufacturer certificate has no subject {cfg.idevid_device_id}")
+        return str(attrs[0].value)
+
+    def _our_current_certificate(
+        self, cfg: LabelConfig, identity: ClientIdentity
+    ) -> tuple[str, str, x509.Certificate]:
+        if not identity.has_certificate:
+            raise unauthorized(
+                "re-enrollment needs the current certificate as TLS client certificate"
+            )
+        leaf = identity.leaf()
+        serial = serial_hex(leaf.serial_number)
+        with session_scope(self.db) as session:
+            try:
+                record = CertificateRepository(session).by_serial(serial)
+            except PKIError:
+                record = None
+            if record is None or record.cert_der != _der(leaf):
+                raise forbidden("the client certificate was not issued by this CA")
+            status, device_id, profile = record.status, record.device_id, record.profile
+            not_after = record.not_after
+        if status is CertificateStatus.REVOKED:
+            raise forbidden(f"the client certificate {serial} is revoked")
+        if status is not CertificateStatus.ISSUED:
+            raise forbidden(f"the client certificate {serial} is not issued")
+        if not_after <= self.clock.now():
+            raise forbidden(f"the client certificate {serial} has expired")
+        if device_id is None:
+            raise forbidden("the client certificate is not a device certificate")
+        if profile != cfg.profile:
+            raise forbidden(f"the client certificate has profile {profile}, not {cfg.profile}")
+        return serial, device_id, leaf
+
+    def _request_for(
+        self, csr: x509.CertificateSigningRequest, cfg: LabelConfig, device_id: str
+    ) -> CertificateRequest:
+        request = check_request(csr, self.config.profile(cfg.profile))
+        if request.device_id != device_id:
+            raise forbidden(
+                f"the CSR names device {request.device_id}, but the client authenticated "
+                f"as device {device_id}"
+            )
+        return request
+
+    def _recipient(self, identity: ClientIdentity, key_id: bytes) -> x509.Certificate:
+        # RFC 7030 4.4.1.2: the AsymmetricDecryptKeyIdentifier names the client's key; the
+        # one certificate of the client we hold is the one it authenticated TLS with.
+        if identity.has_certificate:
+            leaf = identity.leaf()
+            try:
+                ski = leaf.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+            except x509.ExtensionNotFound:
+                ski = x509.SubjectKeyIdentifier.from_public_key(leaf.public_key())
+            if ski.digest == key_id:
+                return leaf
+        raise bad_request(
+            "AsymmetricDecryptKeyIdentifier does not name the key of the TLS client certificate"
+        )
+
+    def _approval(
+        self, name: str, cfg: LabelConfig, who: _Who, csr_der: bytes, operation: str
+    ) -> ApprovalPending | None:
+        if not cfg.manual_approval:
+            return None
+        digest = hashlib.sha256(csr_der).hexdigest()
+        now = self.clock.now()
+        with session_scope(self.db) as session:
+            repo = ApprovalRepository(session)
+            row = repo.find(who.device_id, name, digest)
+            if row is not None and row.state is ApprovalState.APPROVED:
+                return None
+            if row is None:
+                row = repo.add(
+                    PendingApproval(
+                        device_id=who.device_id,
+                        label=name,
+                        operation=operation,
+                        csr_sha256=digest,
+                        csr_der=csr_der,
+                        state=ApprovalState.PENDING,
+                        created_at=now,
+                    )
+                )
+                audit.append(
+                    session,
+                    at=now,
+                    actor=f"device:{who.device_id}",
+                    action="enrollment.awaiting_approval",
+                    target=who.device_id,
+                    details={"approval": row.id, "label": name, "csr_sha256": digest},
+                )
+            return ApprovalPending(row.id, who.device_id, self.est.retry_after_seconds)
+
+    def _issue(
+        self,
+        name: str,
+        cfg: LabelConfig,
+        who: _Who,
+        request: CertificateRequest,
+        csr_der: bytes,
+    ) -> Enrolled:
+        profile = self.config.profile(cfg.profile)
+        issuer = self.issuers.issuer(cfg.issuer)
+        digest = hashlib.sha256(csr_der).hexdigest() if cfg.manual_approval else None
+
+        def on_recorded(record: CertificateRecord) -> None:
+            # Same transaction as the pending certificate row: the secret is spent and the
+            # device marked enrolled only if the row commits, and a secret spent by a
+            # concurrent request rolls this row back.
+            self.devices.record_enrollment(
+                record,
+                who.device_id,
+                who.secret.secret_id if who.secret is not None else None,
+                register=who.register,
+            )
+            session = session_of(record)
+            if digest is not None and who.method != "reenroll":
+                row = ApprovalRepository(session).find(who.device_id, name, digest)
+                if row is None or row.state is not ApprovalState.APPROVED:
+                    raise forbidden("the request is no longer approved")
+                row.state = ApprovalState.ISSUED
+            audit.append(
+                session,
+                at=self.clock.now(),
+                actor=f"device:{who.device_id}",
+                action="device.enrolled",
+                target=who.device_id,
+                details={"label": name, "method": who.method, "serial": record.serial_hex},
+            )
+
+        issued = self.issuance.issue(
+            issuer, profile, request, actor=f"est:{name}", on_recorded=on_recorded
+        )
+        self.sweep_superseded(who.device_id)
+        chain = tuple(self.cacerts(name))
+        return Enrolled(
+            device_id=who.device_id,
+            certificate=issued.certificate,
+            cert_der=issued.cert_der,
+            serial_hex=serial_hex(issued.serial),
+            chain=chain,
+            method=who.method,
+        )
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    if cert.issuer != issuer.subject:
+        return False
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True

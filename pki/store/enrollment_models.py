@@ -1,0 +1,82 @@
+"""SQLAlchemy models of enrollment: one-time secrets, login failures and pending approvals."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+
+from sqlalchemy import BigInteger, Enum, ForeignKey, Index, Integer, LargeBinary, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from pki.store.models import Base, UTCDateTime, _values
+
+
+class SecretState(enum.Enum):
+    """Lifecycle of a one-time secret: usable once, or replaced by a newer one."""
+
+    ACTIVE = "active"
+    USED = "used"
+    REPLACED = "replaced"
+
+
+class ApprovalState(enum.Enum):
+    PENDING = "pending"
+    APPROVED = "approved"
+    ISSUED = "issued"
+
+
+class EnrollmentSecret(Base):
+    """EnrollmentSecret is a one-time enrollment secret, kept only as a scrypt hash."""
+
+    __tablename__ = "enrollment_secrets"
+    __table_args__ = (Index("ix_enrollment_secrets_device_state", "device_id", "state"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    # "scrypt$N$r$p$salt-hex$hash-hex": the parameters travel with the hash.
+    secret_hash: Mapped[str] = mapped_column(String(256))
+    state: Mapped[SecretState] = mapped_column(
+        Enum(
+            SecretState, name="secret_state", native_enum=False, length=16, values_callable=_values
+        )
+    )
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuthFailure(Base):
+    """AuthFailure counts a device's failed logins since its last success, and its lock-out."""
+
+    __tablename__ = "auth_failures"
+
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failure_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    locked_until: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+
+
+class PendingApproval(Base):
+    """PendingApproval is an authenticated request that waits for an operator's approval."""
+
+    __tablename__ = "pending_approvals"
+    __table_args__ = (Index("ix_pending_approvals_device_state", "device_id", "state"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
+    label: Mapped[str] = mapped_column(String(64))
+    operation: Mapped[str] = mapped_column(String(16))  # simpleenroll | serverkeygen
+    csr_sha256: Mapped[str] = mapped_column(String(64))
+    csr_der: Mapped[bytes] = mapped_column(LargeBinary)
+    state: Mapped[ApprovalState] = mapped_column(
+        Enum(
+            ApprovalState,
+            name="approval_state",
+            native_enum=False,
+            length=16,
+            values_callable=_values,
+        )
+    )
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    decided_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+    decided_by: Mapped[str | None] = mapped_column(String(128))

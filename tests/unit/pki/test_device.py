@@ -1,0 +1,238 @@
+"""Tests for pki.device: registry, CSV import, one-time secrets, failure lock-out."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+
+import pytest
+from sqlalchemy import func, select
+
+from pki.clock import FixedClock
+from pki.device import (
+    SECRET_BYTES,
+    DeviceService,
+    hash_secret,
+    verify_secret,
+)
+from pki.errors import ErrorKind, PKIError
+from pki.store import AuditEvent, Database, Device, DeviceState, session_scope
+from pki.store.enrollment_models import EnrollmentSecret, SecretState
+
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(T0)
+
+
+@pytest.fixture
+def devices(db: Database, clock: FixedClock) -> DeviceService:
+    return DeviceService(db, clock, max_failures=3, lockout=datetime.timedelta(minutes=10))
+
+
+def _count(db: Database, model: type[object]) -> int:
+    with session_scope(db) as s:
+        return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+class TestSecretHash:
+    def test_hash_secret_verifies_and_salts(self) -> None:
+        a, b = hash_secret("s3cret"), hash_secret("s3cret")
+        assert a != b
+        assert a.startswith("scrypt$16384$8$1$")
+        assert verify_secret("s3cret", a)
+        assert not verify_secret("s3cret!", a)
+
+    def test_verify_secret_refuses_garbage(self) -> None:
+        assert not verify_secret("x", "plain")
+        assert not verify_secret("x", "bcrypt$1$2$3$00$00")
+
+
+class TestRegistry:
+    def test_add_and_show(self, devices: DeviceService) -> None:
+        info = devices.add("DEV-0001", model="m1", batch="b1", actor="test")
+        assert info.state is DeviceState.REGISTERED
+        shown = devices.show("DEV-0001")
+        assert (shown.model, shown.batch, shown.secret_expires_at) == ("m1", "b1", None)
+
+    def test_add_twice_conflicts(self, devices: DeviceService) -> None:
+        devices.add("DEV-0001", actor="test")
+        with pytest.raises(PKIError) as e:
+            devices.add("DEV-0001", actor="test")
+        assert e.value.kind is ErrorKind.CONFLICT
+
+    @pytest.mark.parametrize("bad", ["", "-x", "a b", "x" * 65, "é", "a/b"])
+    def test_add_bad_id_refused(self, devices: DeviceService, bad: str) -> None:
+        with pytest.raises(PKIError) as e:
+            devices.add(bad, actor="test")
+        assert e.value.kind is ErrorKind.BAD_REQUEST
+
+    def test_show_unknown_not_found(self, devices: DeviceService) -> None:
+        with pytest.raises(PKIError) as e:
+            devices.show("NOPE")
+        assert e.value.kind is ErrorKind.NOT_FOUND
+
+    def test_list_by_batch_and_state(self, devices: DeviceService) -> None:
+        devices.add("A", batch="x", actor="t")
+        devices.add("B", batch="y", actor="t")
+        devices.decommission("B", actor="t")
+        assert [d.device_id for d in devices.list(batch="x")] == ["A"]
+        assert [d.device_id for d in devices.list(state=DeviceState.DECOMMISSIONED)] == ["B"]
+
+    def test_registration_is_audited(self, db: Database, devices: DeviceService) -> None:
+        devices.add("A", actor="t")
+        with session_scope(db) as s:
+            actions = s.execute(select(AuditEvent.action)).scalars().all()
+        assert "device.registered" in actions
+
+
+class TestImport:
+    def test_import_adds_and_is_idempotent(self, db: Database, devices: DeviceService) -> None:
+        text = "id,model,batch\nD-1,m,b1\nD-2,m,b1\n\nD-3,,b2\n"
+        first = devices.import_csv(text, actor="t")
+        assert (first.added, first.unchanged) == (3, 0)
+        again = devices.import_csv(text, actor="t")
+        assert (again.added, again.unchanged) == (0, 3)
+        assert devices.show("D-3").model is None
+        assert _count(db, Device) == 3
+
+    def test_import_id_only_header(self, devices: DeviceService) -> None:
+        assert devices.import_csv("id\nX1\nX2\n", actor="t").added == 2
+
+    def test_import_is_all_or_nothing_and_names_lines(
+        self, db: Database, devices: DeviceService
+    ) -> None:
+        text = "id,model\nGOOD-1,m\nbad id,m\nGOOD-2,m,extra\nGOOD-1,other\n"
+        with pytest.raises(PKIError) as e:
+            devices.import_csv(text, actor="t", source="devices.csv")
+        msg = e.value.message
+        assert e.value.kind is ErrorKind.BAD_REQUEST
+        assert "devices.csv" in msg
+        assert "line 3" in msg and "line 4" in msg and "line 5" in msg
+        assert "line 2:" not in msg
+        assert _count(db, Device) == 0
+
+    def test_import_conflicting_existing_device_refused(
+        self, db: Database, devices: DeviceService
+    ) -> None:
+        devices.add("D-1", model="m", actor="t")
+        with pytest.raises(PKIError) as e:
+            devices.import_csv("id,model\nD-2,m\nD-1,n\n", actor="t")
+        assert "line 3" in e.value.message
+        assert _count(db, Device) == 1
+
+    @pytest.mark.parametrize("text", ["", "model,batch\nx,y\n", "id,colour\nx,red\n"])
+    def test_import_bad_header(self, devices: DeviceService, text: str) -> None:
+        with pytest.raises(PKIError) as e:
+            devices.import_csv(text, actor="t")
+        assert e.value.kind is ErrorKind.BAD_REQUEST
+
+
+class TestSecrets:
+    def test_new_secret_is_long_random_and_stored_hashed(
+        self, db: Database, devices: DeviceService
+    ) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        assert len(new.secret) >= SECRET_BYTES * 4 // 3
+        assert new.secret not in repr(new)
+        assert new.expires_at == T0 + datetime.timedelta(hours=72)
+        with session_scope(db) as s:
+            stored = s.execute(select(EnrollmentSecret.secret_hash)).scalar_one()
+            events = s.execute(select(AuditEvent.details)).scalars().all()
+        assert new.secret not in stored
+        assert all(new.secret not in d for d in events)
+        assert verify_secret(new.secret, stored)
+
+    def test_secret_is_never_logged(
+        self, devices: DeviceService, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.DEBUG)
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        devices.authenticate("D-1", new.secret)
+        assert new.secret not in caplog.text
+
+    def test_authenticate_good_secret(self, devices: DeviceService) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        assert devices.authenticate("D-1", new.secret).device_id == "D-1"
+
+    def test_new_secret_replaces_old(self, db: Database, devices: DeviceService) -> None:
+        devices.add("D-1", actor="t")
+        old = devices.new_secret("D-1", actor="t")
+        devices.new_secret("D-1", actor="t")
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", old.secret)
+        assert e.value.kind is ErrorKind.UNAUTHORIZED
+        with session_scope(db) as s:
+            states = sorted(s.execute(select(EnrollmentSecret.state)).scalars(), key=str)
+        assert states == [SecretState.ACTIVE, SecretState.REPLACED]
+
+    def test_expired_secret_refused(self, devices: DeviceService, clock: FixedClock) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        clock.advance(datetime.timedelta(hours=72))
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", new.secret)
+        assert e.value.kind is ErrorKind.UNAUTHORIZED
+
+    def test_unknown_device_and_bad_id_unauthorized(self, devices: DeviceService) -> None:
+        for device_id in ("NOPE", "bad id", "x" * 500):
+            with pytest.raises(PKIError) as e:
+                devices.authenticate(device_id, "whatever")
+            assert e.value.kind is ErrorKind.UNAUTHORIZED
+
+    def test_secret_for_decommissioned_device_refused(self, devices: DeviceService) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        devices.decommission("D-1", actor="t")
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", new.secret)
+        assert e.value.kind is ErrorKind.UNAUTHORIZED
+        with pytest.raises(PKIError) as e:
+            devices.new_secret("D-1", actor="t")
+        assert e.value.kind is ErrorKind.CONFLICT
+
+    def test_failures_lock_out_then_expire(self, devices: DeviceService, clock: FixedClock) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        for _ in range(3):
+            with pytest.raises(PKIError):
+                devices.authenticate("D-1", "wrong")
+        info = devices.show("D-1")
+        assert info.failures == 3
+        assert info.locked_until == T0 + datetime.timedelta(minutes=10)
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", new.secret)
+        assert "locked" in e.value.message
+        clock.advance(datetime.timedelta(minutes=10))
+        assert devices.authenticate("D-1", new.secret).device_id == "D-1"
+
+    def test_failures_of_one_device_do_not_lock_another(self, devices: DeviceService) -> None:
+        devices.add("D-1", actor="t")
+        devices.add("D-2", actor="t")
+        new = devices.new_secret("D-2", actor="t")
+        for _ in range(5):
+            with pytest.raises(PKIError):
+                devices.authenticate("D-1", "wrong")
+        assert devices.authenticate("D-2", new.secret).device_id == "D-2"
+
+    def test_concurrent_failures_counted(self, db: Database, devices: DeviceService) -> None:
+        devices.add("D-1", actor="t")
+        devices.new_secret("D-1", actor="t")
+        big = DeviceService(db, devices.clock, max_failures=100)
+
+        def attempt() -> None:
+            with pytest.raises(PKIError):
+                big.authenticate("D-1", "wrong")
+
+        threads = [threading.Thread(target=attempt) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert devices.show("D-1").failures == 8
