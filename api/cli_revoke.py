@@ -2,9 +2,331 @@
 
 from __future__ import annotations
 
+import datetime
+import os
+import sys
+from pathlib import Path
+
 import click
+from cryptography.hazmat.primitives import serialization
+
+from api.runtime import Runtime
+from pki.admin_token import AdminTokenService, parse_role
+from pki.ceremony import CeremonyService
+from pki.crl_publisher import CRLPublisher
+from pki.errors import ErrorKind, PKIError
+from pki.ocsp_responder import OCSPPresigner, SignerSet
+from pki.revocation import RevocationService, parse_reason
+from pki.serial import parse_serial, serial_hex
+from pki.store import session_scope
+from pki.store.revocation_models import CertificateStateReader
+
+GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "scripts" / "gunicorn_va.py"
+
+
+def _runtime(ctx: click.Context) -> Runtime:
+    obj = ctx.find_root().obj
+    rt: Runtime | None = obj.get("runtime")
+    if rt is None:
+        rt = Runtime.open(obj["config_dir"], obj["data_dir"])
+        obj["runtime"] = rt
+    return rt
+
+
+def _actor() -> str:
+    return f"cli:{os.environ.get('USER', 'operator')}"
+
+
+def _presigner(rt: Runtime) -> OCSPPresigner:
+    return OCSPPresigner(rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key))
+
+
+def revocation_service(rt: Runtime, *, resign: bool = True) -> RevocationService:
+    """Builds the revocation service; with resign, it re-signs the OCSP response at once."""
+    service = RevocationService(rt.db, rt.clock)
+    if resign:
+        service.listeners.append(_presigner(rt).on_revoked)
+    return service
+
+
+def _serve_group(group: click.Group) -> click.Group:
+    # The CA front's module may have made `pki serve` already: add to it, do not replace it.
+    existing = group.commands.get("serve")
+    if isinstance(existing, click.Group):
+        return existing
+
+    @group.group("serve")
+    def serve() -> None:
+        """Run the servers under gunicorn."""
+
+    return serve
 
 
 def register(group: click.Group) -> None:
     """Adds this module's commands to the pki group."""
-    del group
+
+    @group.command("revoke")
+    @click.argument("serial", required=False)
+    @click.option("--reason", required=True, help="RFC 5280 reason: keyCompromise, superseded, ...")
+    @click.option("--issuer", "issuer_id", default=None, help="Issuer, if the serial is ambiguous.")
+    @click.option(
+        "--device", "devices", multiple=True, help="Revoke all of a device's certificates."
+    )
+    @click.option("--batch", default=None, help="Revoke the certificates of a device batch.")
+    @click.option("--no-resign", is_flag=True, help="Do not re-sign the OCSP response here.")
+    @click.pass_context
+    def revoke(
+        ctx: click.Context,
+        serial: str | None,
+        reason: str,
+        issuer_id: str | None,
+        devices: tuple[str, ...],
+        batch: str | None,
+        no_resign: bool,
+    ) -> None:
+        """Revoke a certificate by serial (hex), or every certificate of devices or a batch."""
+        flag = parse_reason(reason)
+        if sum([serial is not None, bool(devices), batch is not None]) != 1:
+            raise PKIError(ErrorKind.BAD_REQUEST, "give a SERIAL, --device ... or --batch")
+        rt = _runtime(ctx)
+        service = revocation_service(rt, resign=not no_resign)
+        if serial is not None:
+            result = service.revoke(
+                serial_hex(parse_serial(serial)), flag, actor=_actor(), issuer_id=issuer_id
+            )
+            state = "revoked" if result.changed else "already revoked"
+            click.echo(f"{state}: {result.issuer_id}/{result.serial_hex} ({result.reason.value})")
+            return
+        bulk = service.revoke_devices(device_ids=devices, batch=batch, reason=flag, actor=_actor())
+        for r in bulk.revoked:
+            click.echo(f"revoked: {r.issuer_id}/{r.serial_hex} ({r.reason.value})")
+        click.echo(f"{len(bulk.revoked)} certificates of {len(bulk.devices)} devices revoked")
+
+    @group.command("release")
+    @click.argument("serial")
+    @click.option("--issuer", "issuer_id", default=None, help="Issuer, if the serial is ambiguous.")
+    @click.pass_context
+    def release(ctx: click.Context, serial: str, issuer_id: str | None) -> None:
+        """Release a certificate from certificateHold (removeFromCRL in the next delta CRL)."""
+        rt = _runtime(ctx)
+        result = revocation_service(rt).release(
+            serial_hex(parse_serial(serial)), actor=_actor(), issuer_id=issuer_id
+        )
+        click.echo(f"released: {result.issuer_id}/{result.serial_hex}")
+
+    @group.group("crl")
+    def crl() -> None:
+        """Certificate revocation lists."""
+
+    @crl.command("publish")
+    @click.option(
+        "--issuer",
+        "issuer_ids",
+        multiple=True,
+        help="Issuer (repeatable; default: every intermediate; a root only when named).",
+    )
+    @click.option("--delta", is_flag=True, help="Publish a delta CRL against the latest full CRL.")
+    @click.option(
+        "--out-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="Also write the DER files here (ISSUER.crl, ISSUER-delta.crl).",
+    )
+    @click.option(
+        "--if-due",
+        is_flag=True,
+        help="Only when due: none yet, --period elapsed, or revocations --delay old (for cron).",
+    )
+    @click.option(
+        "--period",
+        "period_minutes",
+        default=1440,
+        show_default=True,
+        type=click.IntRange(1, 60 * 24 * 30),
+        help="With --if-due: minutes between CRLs without revocations.",
+    )
+    @click.option(
+        "--delay",
+        "delay_seconds",
+        default=60,
+        show_default=True,
+        type=click.IntRange(0, 86400),
+        help="With --if-due: seconds to wait after a revocation, to publish a burst at once.",
+    )
+    @click.pass_context
+    def crl_publish(
+        ctx: click.Context,
+        issuer_ids: tuple[str, ...],
+        delta: bool,
+        out_dir: Path | None,
+        if_due: bool,
+        period_minutes: int,
+        delay_seconds: int,
+    ) -> None:
+        """Sign and store the next CRL of each issuer with the issuer's key."""
+        rt = _runtime(ctx)
+        targets = list(issuer_ids) or [
+            i for i, c in rt.config.ca.issuers.items() if c.parent is not None
+        ]
+        publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls)
+        for issuer_id in targets:
+            if if_due:
+                why = publisher.due(
+                    issuer_id,
+                    delta=delta,
+                    period=datetime.timedelta(minutes=period_minutes),
+                    delay=datetime.timedelta(seconds=delay_seconds),
+                )
+                if why is None:
+                    click.echo(f"{issuer_id}: not due")
+                    continue
+                click.echo(f"{issuer_id}: due ({why})", err=True)
+            published = publisher.publish(rt.issuer(issuer_id), delta=delta)
+            kind = f"delta CRL (base {published.base_number})" if delta else "CRL"
+            click.echo(
+                f"{issuer_id}: {kind} number {published.crl_number}, "
+                f"{published.entries} entries, next update {published.next_update.isoformat()}"
+            )
+            if out_dir is not None:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                name = f"{issuer_id}-delta.crl" if delta else f"{issuer_id}.crl"
+                (out_dir / name).write_bytes(published.crl_der)
+
+    @group.group("ocsp")
+    def ocsp() -> None:
+        """OCSP pre-signing and responder certificates."""
+
+    @ocsp.command("presign")
+    @click.option("--issuer", "issuer_id", default=None, help="Only this issuer.")
+    @click.pass_context
+    def ocsp_presign(ctx: click.Context, issuer_id: str | None) -> None:
+        """Sign a response for every issued, unexpired certificate that lacks a fresh one."""
+        rt = _runtime(ctx)
+        result = _presigner(rt).run(issuer_id)
+        for iid, count in sorted(result.signed.items()):
+            click.echo(f"{iid}: {count} responses signed")
+        for iid, why in sorted(result.skipped.items()):
+            click.echo(f"{iid}: skipped: {why}", err=True)
+
+    @ocsp.command("renew-signers")
+    @click.option("--issuer", "issuer_ids", multiple=True, help="Only these issuers.")
+    @click.option(
+        "--before-days",
+        type=click.IntRange(0, 3650),
+        default=None,
+        help="Renew when the signer expires within this many days (default: a third of the "
+        "ocsp-signer profile's validity).",
+    )
+    @click.option(
+        "--key-type",
+        default="ec-p256",
+        show_default=True,
+        type=click.Choice(["ec-p256", "ec-p384", "rsa-2048", "rsa-3072"]),
+    )
+    @click.option("--force", is_flag=True, help="Renew even when the signer is fresh.")
+    @click.pass_context
+    def ocsp_renew_signers(
+        ctx: click.Context,
+        issuer_ids: tuple[str, ...],
+        before_days: int | None,
+        key_type: str,
+        force: bool,
+    ) -> None:
+        """Issue a new OCSP-signer certificate (fresh key in the token) where one is due."""
+        rt = _runtime(ctx)
+        profile = rt.config.profile("ocsp-signer")
+        margin = datetime.timedelta(
+            days=before_days if before_days is not None else profile.validity_days / 3
+        )
+        targets = list(issuer_ids) or [
+            i for i, c in rt.config.ca.issuers.items() if c.ocsp_signer_key_label
+        ]
+        now = rt.clock.now()
+        for issuer_id in targets:
+            cfg = rt.config.ca.issuers.get(issuer_id)
+            if cfg is None or not cfg.ocsp_signer_key_label:
+                raise PKIError(
+                    ErrorKind.CONFIG,
+                    f"ca.toml: issuers.{issuer_id}.ocsp_signer_key_label is not set",
+                )
+            with session_scope(rt.db) as session:
+                not_after = CertificateStateReader(session).signer_not_after(issuer_id)
+            if not force and not_after is not None and not_after - now > margin:
+                click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
+                continue
+            label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
+            key = rt.token.generate_key(label, key_type)
+            issuer = rt.issuer(issuer_id)
+            issued = CeremonyService(rt.issuance()).ocsp_signer(
+                issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
+            )
+            out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
+            click.echo(f"{issuer_id}: new OCSP signer serial {serial_hex(issued.serial)} -> {out}")
+
+    @group.group("admin")
+    def admin() -> None:
+        """The admin API."""
+
+    @admin.group("token")
+    def token() -> None:
+        """Bearer tokens of the admin API."""
+
+    @token.command("create")
+    @click.option(
+        "--role",
+        required=True,
+        type=click.Choice(["admin", "operator", "factory", "auditor"]),
+        help="What the token may do.",
+    )
+    @click.option("--label", default="", help="A note on who or what holds the token.")
+    @click.option(
+        "--out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Write the token to this file (mode 0600) instead of printing it.",
+    )
+    @click.pass_context
+    def token_create(ctx: click.Context, role: str, label: str, out: Path | None) -> None:
+        """Create a token; it is shown once and stored only as its SHA-256 hash."""
+        rt = _runtime(ctx)
+        token_id, secret = AdminTokenService(rt.db, rt.clock).create(
+            parse_role(role), actor=_actor(), label=label
+        )
+        if out is None:
+            click.echo(secret)
+        else:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret + "\n")
+        click.echo(f"admin token {token_id} ({role}) created", err=True)
+
+    serve = _serve_group(group)
+
+    @serve.command("va")
+    @click.option("--bind", default="127.0.0.1:8080", show_default=True, help="HOST:PORT")
+    @click.option("--workers", default=2, show_default=True, type=click.IntRange(1, 256))
+    @click.option("--timeout", default=30, show_default=True, type=click.IntRange(1, 3600))
+    @click.pass_context
+    def serve_va(ctx: click.Context, bind: str, workers: int, timeout: int) -> None:
+        """Run the validation authority (OCSP, CRLs, CA certificates) under gunicorn."""
+        rt = _runtime(ctx)
+        if not rt.db.has_schema():
+            raise PKIError(ErrorKind.CONFIG, "the database has no schema: run 'pki db upgrade'")
+        env = dict(os.environ)
+        env.update(
+            {
+                "PKI_CONFIG_DIR": str(rt.config.directory.resolve()),
+                "PKI_DATA_DIR": str(rt.data_dir),
+                "PKI_VA_BIND": bind,
+                "PKI_VA_WORKERS": str(workers),
+                "PKI_VA_TIMEOUT": str(timeout),
+            }
+        )
+        rt.close()
+        click.echo(f"validation authority on http://{bind}/ (OCSP at /ocsp)", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONFIG)]
+        os.execve(sys.executable, argv, env)  # noqa: S606 (no shell: argv is a list)

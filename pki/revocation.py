@@ -1,28 +1,49 @@
-"""Revocation: marking certificates revoked in the store, audited, with listeners told."""
+"""Revocation: marking certificates revoked in the store, audited, with listeners told.
+
+A revocation is a database write and nothing more (Boulder's way): in the same transaction
+it records a revocation event (for delta CRLs) and forgets the certificate's pre-signed OCSP
+response, so the validation authority answers the next request live from the certificates
+table and says `revoked` from the moment of the commit, even when the revoking process holds
+no OCSP signer key. Listeners then re-sign the response or schedule a CRL where they can.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import datetime
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 
 from pki.clock import Clock
-from pki.errors import bad_request, conflict
-from pki.store import CertificateStatus, Database, DeviceState, audit, session_scope
-from pki.store.models import Device
-from pki.store.repository import CertificateRepository
+from pki.errors import bad_request, conflict, not_found
+from pki.store import (
+    CertificateRecord,
+    CertificateStatus,
+    Database,
+    DeviceState,
+    audit,
+    session_scope,
+)
+from pki.store.revocation_models import RevocationStore
 
 REASONS = {r.value: r for r in x509.ReasonFlags}
+# removeFromCRL is a delta CRL marker, not a reason to revoke for (RFC 5280 §5.3.1).
+REVOCATION_REASONS = {k: v for k, v in REASONS.items() if v is not x509.ReasonFlags.remove_from_crl}
+
+# Bulk revocations touch at most this many certificates per call.
+MAX_BULK = 100_000
 
 
 def parse_reason(text: str) -> x509.ReasonFlags:
     """Parses a reason given by RFC 5280 name (keyCompromise, superseded, ...)."""
     try:
-        return REASONS[text]
-    except KeyError:
-        allowed = ", ".join(sorted(REASONS))
-        raise bad_request(f"unknown revocation reason {text!r} (one of: {allowed})") from None
+        return REVOCATION_REASONS[text]
+    except (KeyError, TypeError):
+        allowed = ", ".join(sorted(REVOCATION_REASONS))
+        raise bad_request(
+            f"unknown revocation reason {str(text)[:40]!r} (one of: {allowed})"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +59,14 @@ class Revoked:
 RevocationListener = Callable[[Revoked], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class BulkRevoked:
+    """BulkRevoked lists what one bulk revocation changed."""
+
+    revoked: tuple[Revoked, ...]
+    devices: tuple[str, ...]
+
+
 class RevocationService:
     """RevocationService revokes certificates; listeners re-sign OCSP and schedule CRLs."""
 
@@ -49,43 +78,168 @@ class RevocationService:
     def revoke(
         self, serial_hex: str, reason: x509.ReasonFlags, *, actor: str, issuer_id: str | None = None
     ) -> Revoked:
-        """Revokes a certificate; idempotent, and a reason may only be raised to keyCompromise."""
+        """Revokes a certificate; idempotent, and a reason may only be raised to keyCompromise.
+
+        A certificate on hold (certificateHold) may also be revoked for good with any reason,
+        as RFC 5280 §5.3.1 lets a hold become permanent.
+        """
+        _check_reason(reason)
         now = self.clock.now()
         with session_scope(self.db) as session:
-            record = CertificateRepository(session).by_serial(serial_hex, issuer_id)
-            if record.status is CertificateStatus.PENDING:
-                raise conflict(f"certificate {serial_hex} was never issued")
-            changed = True
-            if record.status is CertificateStatus.REVOKED:
-                current = REASONS.get(record.revocation_reason or "unspecified")
-                if current == reason:
-                    changed = False
-                elif reason is x509.ReasonFlags.key_compromise:
-                    pass  # RFC 5280 allows a later, graver reason; the date stays
-                else:
-                    raise conflict(
-                        f"certificate {serial_hex} is already revoked "
-                        f"({record.revocation_reason}); only keyCompromise may follow"
-                    )
-            if changed:
-                if record.revoked_at is None:
-                    record.revoked_at = now
-                record.status = CertificateStatus.REVOKED
-                record.revocation_reason = reason.value
-                if record.device_id is not None:
-                    device = session.get(Device, record.device_id)
-                    if device is not None and reason is not x509.ReasonFlags.superseded:
-                        device.state = DeviceState.REVOKED
-                        device.updated_at = now
+            store = RevocationStore(session)
+            record = store.certificates.by_serial(serial_hex, issuer_id)
+            result = _revoke_record(store, record, reason, now)
+            if result.changed:
                 audit.append(
                     session,
                     at=now,
                     actor=actor,
                     action="certificate.revoked",
-                    target=f"{record.issuer_id}/{serial_hex}",
+                    target=f"{record.issuer_id}/{record.serial_hex}",
                     details={"reason": reason.value},
                 )
-            result = Revoked(record.issuer_id, serial_hex, reason, changed)
+        self._tell(result)
+        return result
+
+    def revoke_devices(
+        self,
+        *,
+        device_ids: Sequence[str] = (),
+        batch: str | None = None,
+        reason: x509.ReasonFlags,
+        actor: str,
+    ) -> BulkRevoked:
+        """Revokes every issued certificate of the listed devices or of a batch, in one audited
+        transaction: all of them or none."""
+        _check_reason(reason)
+        if bool(device_ids) == (batch is not None):
+            raise bad_request("name either devices or a batch")
+        now = self.clock.now()
+        with session_scope(self.db) as session:
+            store = RevocationStore(session)
+            reader = store.reader
+            devices = list(device_ids) if batch is None else reader.devices_of_batch(batch)
+            if not devices:
+                raise not_found(f"no devices in batch {batch!r}")
+            if len(devices) > MAX_BULK:
+                raise bad_request(f"at most {MAX_BULK} devices per bulk revocation")
+            known = store.known_devices(devices)
+            records = reader.issued_of_devices(devices)
+            if batch is None and not records and not known:
+                raise not_found("none of the devices is known")
+            results = tuple(_revoke_record(store, r, reason, now) for r in records)
+            for device_id in known:
+                _set_device(store, device_id, reason, now)
+            audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="certificate.bulk_revoked",
+                target=f"batch/{batch}" if batch is not None else "devices",
+                details={
+                    "reason": reason.value,
+                    "devices": sorted(devices),
+                    "certificates": [f"{r.issuer_id}/{r.serial_hex}" for r in results],
+                },
+            )
+        for result in results:
+            self._tell(result)
+        return BulkRevoked(results, tuple(sorted(devices)))
+
+    def release(self, serial_hex: str, *, actor: str, issuer_id: str | None = None) -> Revoked:
+        """Releases a certificate from certificateHold; the next delta CRL says removeFromCRL."""
+        now = self.clock.now()
+        with session_scope(self.db) as session:
+            store = RevocationStore(session)
+            record = store.certificates.by_serial(serial_hex, issuer_id)
+            if (
+                record.status is not CertificateStatus.REVOKED
+                or record.revocation_reason != x509.ReasonFlags.certificate_hold.value
+            ):
+                raise conflict(f"certificate {record.serial_hex} is not on hold")
+            record.status = CertificateStatus.ISSUED
+            record.revoked_at = None
+            record.revocation_reason = None
+            store.events.add(record, "released", None, now)
+            store.responses.forget(record.id)
+            if record.device_id is not None:
+                device = store.device(record.device_id)
+                if device is not None and device.state is DeviceState.SUSPENDED:
+                    device.state = DeviceState.ENROLLED
+                    device.updated_at = now
+            audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="certificate.released",
+                target=f"{record.issuer_id}/{record.serial_hex}",
+                details={},
+            )
+            result = Revoked(
+                record.issuer_id, record.serial_hex, x509.ReasonFlags.remove_from_crl, True
+            )
+        self._tell(result)
+        return result
+
+    def _tell(self, result: Revoked) -> None:
         for listener in self.listeners:
             listener(result)
-        return result
+
+
+def _check_reason(reason: x509.ReasonFlags) -> None:
+    if not isinstance(reason, x509.ReasonFlags) or reason is x509.ReasonFlags.remove_from_crl:
+        raise bad_request("removeFromCRL is not a revocation reason")
+
+
+def _revoke_record(
+    store: RevocationStore,
+    record: CertificateRecord,
+    reason: x509.ReasonFlags,
+    now: datetime.datetime,
+) -> Revoked:
+    """Marks one certificate revoked in the store's transaction; no commit, no audit."""
+    serial_hex = record.serial_hex
+    if record.status is CertificateStatus.PENDING:
+        raise conflict(f"certificate {serial_hex} was never issued")
+    changed = True
+    action = "revoked"
+    if record.status is CertificateStatus.REVOKED:
+        current = REASONS.get(record.revocation_reason or "unspecified")
+        if current == reason:
+            changed = False
+        elif reason is x509.ReasonFlags.key_compromise:
+            action = "reason_changed"  # RFC 5280 allows a later, graver reason; the date stays
+        elif current is x509.ReasonFlags.certificate_hold:
+            action = "reason_changed"  # a hold made permanent (RFC 5280 §5.3.1)
+        else:
+            raise conflict(
+                f"certificate {serial_hex} is already revoked "
+                f"({record.revocation_reason}); only keyCompromise may follow"
+            )
+    if changed:
+        if record.revoked_at is None:
+            record.revoked_at = now
+        record.status = CertificateStatus.REVOKED
+        record.revocation_reason = reason.value
+        store.events.add(record, action, reason.value, now)
+        # The stored "good" response must not outlive this commit (invariant 3).
+        store.responses.forget(record.id)
+        if record.device_id is not None:
+            _set_device(store, record.device_id, reason, now)
+    return Revoked(record.issuer_id, serial_hex, reason, changed)
+
+
+def _set_device(
+    store: RevocationStore, device_id: str, reason: x509.ReasonFlags, now: datetime.datetime
+) -> None:
+    device = store.device(device_id)
+    if device is None or reason is x509.ReasonFlags.superseded:
+        return
+    if reason is x509.ReasonFlags.certificate_hold:
+        if device.state is DeviceState.ENROLLED:
+            device.state = DeviceState.SUSPENDED
+            device.updated_at = now
+        return
+    if device.state is not DeviceState.DECOMMISSIONED:
+        device.state = DeviceState.REVOKED
+        device.updated_at = now

@@ -1,0 +1,222 @@
+"""CRL publishing: full and delta CRLs per issuer from the certificates table (RFC 5280 §5).
+
+Publishing runs off the request path (`pki crl publish`, or a scheduler). Its order follows
+the issuance cycle: reserve the CRL number in the database, then build, sign and lint, then
+store the DER. Numbers come from a unique (issuer_id, crl_number) index: concurrent
+publishers that pick the same number clash, and the loser retries with the next one, so
+numbers strictly increase per issuer (invariant 4). The entries are read in the transaction
+that reserves the number, so a higher number never lists an older state. A reservation
+whose CRL is never stored leaves a gap, which RFC 5280 allows (numbers need only increase).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from pki import lint
+from pki.clock import Clock
+from pki.config import URLConfig
+from pki.crl import RevokedEntry, build_crl
+from pki.errors import conflict, internal
+from pki.issuer import Issuer
+from pki.profile import crl_url, delta_crl_url
+from pki.revocation import REASONS
+from pki.store import CertificateStatus, Database, session_scope
+from pki.store.revocation_models import (
+    CertificateState,
+    CertificateStateReader,
+    CRLNumberClash,
+    CRLRepository,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CRLPublisherConfig:
+    """CRLPublisherConfig holds the CRL windows; the zero values are safe defaults."""
+
+    # nextUpdate = thisUpdate + validity (RFC 5280 §5.1.2.5).
+    full_validity: datetime.timedelta = datetime.timedelta(days=7)
+    delta_validity: datetime.timedelta = datetime.timedelta(days=1)
+    # A delta lists changes from a little before its base's thisUpdate: listing a change the
+    # base already has is harmless, missing one that committed late is not.
+    delta_overlap: datetime.timedelta = datetime.timedelta(minutes=10)
+    # Full CRLs point at the delta CRL (Freshest CRL, RFC 5280 §5.2.6).
+    deltas: bool = True
+    attempts: int = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedCRL:
+    """PublishedCRL describes a CRL now stored and served."""
+
+    issuer_id: str
+    crl_number: int
+    is_delta: bool
+    base_number: int | None
+    this_update: datetime.datetime
+    next_update: datetime.datetime
+    entries: int
+    crl_der: bytes
+
+
+def _entry(state: CertificateState) -> RevokedEntry:
+    assert state.revoked_at is not None
+    reason = REASONS.get(state.revocation_reason or "unspecified")
+    return RevokedEntry(int(state.serial_hex, 16), state.revoked_at, reason)
+
+
+def full_entries(states: list[CertificateState]) -> list[RevokedEntry]:
+    """Lists the revoked certificates of a full CRL."""
+    return [_entry(s) for s in states if s.status is CertificateStatus.REVOKED]
+
+
+def delta_entries(states: list[CertificateState], now: datetime.datetime) -> list[RevokedEntry]:
+    """Lists what changed since the base: revocations, and removeFromCRL for released holds."""
+    entries: list[RevokedEntry] = []
+    for s in states:
+        if s.not_after <= now:
+            continue  # expired: RFC 5280 §3.3 lets it drop off both lists
+        if s.status is CertificateStatus.REVOKED:
+            entries.append(_entry(s))
+        elif s.status is CertificateStatus.ISSUED:
+            # RFC 5280 §5.3.1: removeFromCRL "indicates that a certificate is to be removed from
+            # a CRL because ... was removed from hold".
+            entries.append(RevokedEntry(int(s.serial_hex, 16), now, remove_from_crl=True))
+    return entries
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return cert.issuer == cert.subject
+
+
+class CRLPublisher:
+    """CRLPublisher signs and stores full and delta CRLs with an issuer's key."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        urls: URLConfig,
+        config: CRLPublisherConfig | None = None,
+        *,
+        lint_crls: bool = True,
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.urls = urls
+        self.config = config or CRLPublisherConfig()
+        self.lint_crls = lint_crls
+
+    def due(
+        self,
+        issuer_id: str,
+        *,
+        delta: bool = False,
+        period: datetime.timedelta,
+        delay: datetime.timedelta,
+    ) -> str | None:
+        """Says why the next CRL of an issuer is due, or None when it is not.
+
+        Due when there is none yet, when the latest is `period` old, or when a revocation
+        change is `delay` old and not on it yet: a scheduler that asks every minute publishes
+        within `delay` (plus a minute) after a revocation, once for a burst of them.
+        """
+        now = self.clock.now()
+        with session_scope(self.db) as session:
+            repo = CRLRepository(session)
+            latest = repo.latest(issuer_id, is_delta=delta)
+            if delta:
+                base = repo.latest(issuer_id, is_delta=False)
+                if base is None:
+                    return None  # a delta needs a base; the full CRL's schedule makes one
+                if latest is None or latest.this_update < base.this_update:
+                    latest = base
+            if latest is None:
+                return "no CRL yet"
+            if now - latest.this_update >= period:
+                return "period elapsed"
+            first = CertificateStateReader(session).first_change_since(
+                issuer_id, latest.this_update
+            )
+        if first is not None and now - first >= delay:
+            return "revocations since the last CRL"
+        return None
+
+    def publish(self, issuer: Issuer, *, delta: bool = False) -> PublishedCRL:
+        """Publishes the next full CRL (or delta CRL) of an issuer; RFC 5280 §5."""
+        issuer_id = issuer.issuer_id
+        validity = self.config.delta_validity if delta else self.config.full_validity
+        for _attempt in range(self.config.attempts):
+            now = self.clock.now()
+            try:
+                with session_scope(self.db) as session:
+                    repo = CRLRepository(session)
+                    base_number: int | None = None
+                    since: datetime.datetime | None = None
+                    if delta:
+                        base = repo.latest(issuer_id, is_delta=False)
+                        if base is None:
+                            raise conflict(f"publish a full CRL of {issuer_id} before a delta")
+                        base_number = base.crl_number
+                        since = base.this_update - self.config.delta_overlap
+                    record = repo.reserve(
+                        issuer_id,
+                        is_delta=delta,
+                        base_number=base_number,
+                        this_update=now,
+                        next_update=now + validity,
+                    )
+                    reader = CertificateStateReader(session)
+                    if since is None:
+                        states = reader.revoked_unexpired(issuer_id, now)
+                    else:
+                        states = reader.changed_since(issuer_id, since)
+                    reservation = (record.id, record.crl_number)
+            except CRLNumberClash:
+                continue
+            break
+        else:
+            raise internal(f"no free CRL number for {issuer_id} after {self.config.attempts} tries")
+
+        record_id, number = reservation
+        try:
+            entries = delta_entries(states, now) if delta else full_entries(states)
+            crl_der = build_crl(
+                issuer_cert=issuer.certificate,
+                issuer_key=issuer.key,
+                entries=entries,
+                crl_number=number,
+                this_update=now,
+                next_update=now + validity,
+                distribution_point_url=crl_url(self.urls, issuer_id),
+                freshest_crl_url=(
+                    delta_crl_url(self.urls, issuer_id)
+                    if self.config.deltas and not delta
+                    else None
+                ),
+                delta_of=base_number,
+                hash_algorithm=issuer.hash,
+            )
+            if self.lint_crls:
+                lint.require_clean(
+                    lint.lint_crl(crl_der, authority=is_self_signed(issuer.certificate)),
+                    f"CRL {number} of {issuer_id}",
+                )
+            crl = x509.load_der_x509_crl(crl_der)
+            if crl.public_bytes(Encoding.DER) != crl_der:
+                raise internal("CRL does not round-trip")
+        except BaseException:
+            with session_scope(self.db) as session:
+                CRLRepository(session).discard(record_id)
+            raise
+        with session_scope(self.db) as session:
+            stored = CRLRepository(session).get(record_id)
+            stored.crl_der = crl_der
+            stored.entries = len(entries)
+        return PublishedCRL(
+            issuer_id, number, delta, base_number, now, now + validity, len(entries), crl_der
+        )

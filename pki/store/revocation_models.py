@@ -1,0 +1,498 @@
+"""SQLAlchemy models of revocation publishing: stored CRLs, pre-signed OCSP, admin tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    and_,
+    delete,
+    func,
+    or_,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
+
+from pki.errors import ErrorKind, PKIError, not_found
+from pki.store.models import Base, CertificateRecord, CertificateStatus, Device, UTCDateTime
+from pki.store.repository import CertificateRepository
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+
+class CRLRecord(Base):
+    """CRLRecord is one CRL of an issuer; the number is reserved before the CRL is signed.
+
+    Full and delta CRLs share one numbering sequence per issuer (RFC 5280 §5.2.4), and the
+    unique constraint lets concurrent publishers race for a number and retry on a clash.
+    crl_der stays empty while the CRL is being signed; readers only see rows that have it.
+    """
+
+    __tablename__ = "crls"
+    __table_args__ = (
+        UniqueConstraint("issuer_id", "crl_number", name="uq_crls_issuer_number"),
+        Index("ix_crls_issuer_delta", "issuer_id", "is_delta", "crl_number"),
+    )
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    # CRL numbers are allocated one by one from 1, so 63 bits last forever.
+    crl_number: Mapped[int] = mapped_column(BigInteger)
+    is_delta: Mapped[bool] = mapped_column(Boolean, default=False)
+    base_number: Mapped[int | None] = mapped_column(BigInteger)
+    this_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    next_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    entries: Mapped[int] = mapped_column(Integer, default=0)
+    crl_der: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
+class RevocationEvent(Base):
+    """RevocationEvent records each change of a certificate's revocation state, for delta CRLs.
+
+    action is "revoked", "reason_changed" or "released" (removed from certificateHold).
+    """
+
+    __tablename__ = "revocation_events"
+    __table_args__ = (Index("ix_revocation_events_issuer_at", "issuer_id", "at"),)
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"))
+    serial_hex: Mapped[str] = mapped_column(String(40))
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(32))
+    at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
+class OCSPResponseRecord(Base):
+    """OCSPResponseRecord is the pre-signed OCSP response of one certificate (RFC 5019).
+
+    status is the CertStatus the response states ("good", "revoked", "unknown"); the
+    responder serves the bytes only while it equals the certificate's current status.
+    """
+
+    __tablename__ = "ocsp_responses"
+
+    certificate_id: Mapped[int] = mapped_column(ForeignKey("certificates.id"), primary_key=True)
+    issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
+    serial_hex: Mapped[str] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(16))
+    this_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    next_update: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    signer_serial_hex: Mapped[str] = mapped_column(String(40))
+    response_der: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class AdminToken(Base):
+    """AdminToken is a bearer token of the admin API, kept only as its SHA-256 hash."""
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[int] = mapped_column(_ID, primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(128), default="")
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128))
+    disabled_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+
+
+# --- repositories -----------------------------------------------------------------------------
+# They live beside the models because only pki.store may speak SQL (import-linter contract).
+
+
+@dataclasses.dataclass(frozen=True)
+class CertificateState:
+    """CertificateState is what OCSP and CRLs need of a certificate row."""
+
+    certificate_id: int
+    issuer_id: str
+    serial_hex: str
+    status: CertificateStatus
+    not_after: datetime.datetime
+    revoked_at: datetime.datetime | None
+    revocation_reason: str | None
+
+
+_STATE_COLUMNS = (
+    CertificateRecord.id,
+    CertificateRecord.issuer_id,
+    CertificateRecord.serial_hex,
+    CertificateRecord.status,
+    CertificateRecord.not_after,
+    CertificateRecord.revoked_at,
+    CertificateRecord.revocation_reason,
+)
+
+
+def _state(row: Any) -> CertificateState:
+    return CertificateState(*row)
+
+
+class CertificateStateReader:
+    """CertificateStateReader is the read-only face of the certificates table for OCSP and CRLs."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def by_serials(self, issuer_id: str, serials_hex: Iterable[str]) -> dict[str, CertificateState]:
+        """Returns the state of each listed serial the issuer has a row for."""
+        wanted = sorted(set(serials_hex))
+        if not wanted:
+            return {}
+        rows = self.session.execute(
+            select(*_STATE_COLUMNS).where(
+                CertificateRecord.issuer_id == issuer_id, CertificateRecord.serial_hex.in_(wanted)
+            )
+        ).all()
+        return {row[2]: _state(row) for row in rows}
+
+    def revoked_unexpired(self, issuer_id: str, now: datetime.datetime) -> list[CertificateState]:
+        """Returns every revoked certificate of the issuer that has not expired yet."""
+        rows = self.session.execute(
+            select(*_STATE_COLUMNS)
+            .where(
+                CertificateRecord.issuer_id == issuer_id,
+                CertificateRecord.status == CertificateStatus.REVOKED,
+                CertificateRecord.not_after > now,
+            )
+            .order_by(CertificateRecord.id)
+        ).all()
+        return [_state(r) for r in rows]
+
+    def changed_since(self, issuer_id: str, since: datetime.datetime) -> list[CertificateState]:
+        """Returns the certificates whose revocation state changed at or after `since`."""
+        changed = (
+            select(RevocationEvent.certificate_id)
+            .where(RevocationEvent.issuer_id == issuer_id, RevocationEvent.at >= since)
+            .distinct()
+        )
+        rows = self.session.execute(
+            select(*_STATE_COLUMNS)
+            .where(CertificateRecord.id.in_(changed))
+            .order_by(CertificateRecord.id)
+        ).all()
+        return [_state(r) for r in rows]
+
+    def first_change_since(
+        self, issuer_id: str, since: datetime.datetime
+    ) -> datetime.datetime | None:
+        """Returns when the issuer's earliest revocation change at or after `since` happened."""
+        value = self.session.execute(
+            select(func.min(RevocationEvent.at)).where(
+                RevocationEvent.issuer_id == issuer_id, RevocationEvent.at >= since
+            )
+        ).scalar_one_or_none()
+        if value is None:
+            return None
+        return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value
+
+    def needing_response(
+        self,
+        issuer_id: str,
+        now: datetime.datetime,
+        refresh_before: datetime.datetime,
+        *,
+        after_id: int,
+        limit: int,
+    ) -> list[CertificateState]:
+        """Returns issued or revoked, unexpired certificates whose stored response is missing,
+        older than refresh_before, or states another status than the certificate has now."""
+        stored = aliased(OCSPResponseRecord)
+        rows = self.session.execute(
+            select(*_STATE_COLUMNS)
+            .outerjoin(stored, stored.certificate_id == CertificateRecord.id)
+            .where(
+                CertificateRecord.issuer_id == issuer_id,
+                CertificateRecord.id > after_id,
+                CertificateRecord.status.in_([CertificateStatus.ISSUED, CertificateStatus.REVOKED]),
+                CertificateRecord.not_after > now,
+                or_(
+                    stored.certificate_id.is_(None),
+                    stored.this_update <= refresh_before,
+                    stored.next_update <= now,
+                    and_(
+                        CertificateRecord.status == CertificateStatus.ISSUED,
+                        stored.status != "good",
+                    ),
+                    and_(
+                        CertificateRecord.status == CertificateStatus.REVOKED,
+                        stored.status != "revoked",
+                    ),
+                ),
+            )
+            .order_by(CertificateRecord.id)
+            .limit(limit)
+        ).all()
+        return [_state(r) for r in rows]
+
+    def newest_signers(self, now: datetime.datetime) -> dict[str, tuple[bytes, str]]:
+        """Returns per issuer the newest valid OCSP-signer certificate whose key is in the token,
+        as (certificate DER, key URI)."""
+        rows = self.session.execute(
+            select(
+                CertificateRecord.issuer_id, CertificateRecord.cert_der, CertificateRecord.key_uri
+            )
+            .where(
+                CertificateRecord.profile == "ocsp-signer",
+                CertificateRecord.status == CertificateStatus.ISSUED,
+                CertificateRecord.key_uri.is_not(None),
+                CertificateRecord.cert_der.is_not(None),
+                CertificateRecord.not_before <= now,
+                CertificateRecord.not_after > now,
+            )
+            .order_by(CertificateRecord.not_before, CertificateRecord.id)
+        ).all()
+        newest: dict[str, tuple[bytes, str]] = {}
+        for issuer_id, cert_der, key_uri in rows:
+            if cert_der is not None and key_uri is not None:
+                newest[issuer_id] = (cert_der, key_uri)  # later rows are newer
+        return newest
+
+    def signer_not_after(self, issuer_id: str) -> datetime.datetime | None:
+        """Returns when the issuer's longest-lived issued OCSP-signer certificate expires."""
+        value = self.session.execute(
+            select(func.max(CertificateRecord.not_after)).where(
+                CertificateRecord.issuer_id == issuer_id,
+                CertificateRecord.profile == "ocsp-signer",
+                CertificateRecord.status == CertificateStatus.ISSUED,
+                CertificateRecord.key_uri.is_not(None),
+            )
+        ).scalar_one_or_none()
+        if value is None:
+            return None
+        return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value
+
+    def issued_of_devices(self, device_ids: Sequence[str]) -> list[CertificateRecord]:
+        """Returns the issued certificates of the listed devices, locked for update."""
+        if not device_ids:
+            return []
+        return list(
+            self.session.execute(
+                select(CertificateRecord)
+                .where(
+                    CertificateRecord.device_id.in_(sorted(set(device_ids))),
+                    CertificateRecord.status == CertificateStatus.ISSUED,
+                )
+                .order_by(CertificateRecord.id)
+                .with_for_update()
+            )
+            .scalars()
+            .all()
+        )
+
+    def devices_of_batch(self, batch: str) -> list[str]:
+        """Returns the ids of the devices registered in a batch."""
+        return list(
+            self.session.execute(select(Device.id).where(Device.batch == batch).order_by(Device.id))
+            .scalars()
+            .all()
+        )
+
+
+class OCSPResponseRepository:
+    """OCSPResponseRepository stores pre-signed OCSP responses, one per certificate."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def fresh(
+        self, issuer_id: str, serial_hex: str, now: datetime.datetime
+    ) -> tuple[OCSPResponseRecord, CertificateStatus] | None:
+        """Returns the stored response and the certificate's current status, if not expired."""
+        row = self.session.execute(
+            select(OCSPResponseRecord, CertificateRecord.status)
+            .join(CertificateRecord, CertificateRecord.id == OCSPResponseRecord.certificate_id)
+            .where(
+                CertificateRecord.issuer_id == issuer_id,
+                CertificateRecord.serial_hex == serial_hex,
+                CertificateRecord.not_after > now,
+                OCSPResponseRecord.next_update > now,
+            )
+        ).first()
+        if row is None:
+            return None
+        return row[0], row[1]
+
+    def put(self, record: OCSPResponseRecord) -> None:
+        """Stores a response, replacing the certificate's previous one."""
+        self.session.merge(record)
+        self.session.flush()
+
+    def forget(self, certificate_id: int) -> None:
+        """Removes a certificate's stored response (its status changed)."""
+        self.session.execute(
+            delete(OCSPResponseRecord).where(OCSPResponseRecord.certificate_id == certificate_id)
+        )
+
+    def count(self, issuer_id: str | None = None) -> int:
+        query = select(func.count()).select_from(OCSPResponseRecord)
+        if issuer_id is not None:
+            query = query.where(OCSPResponseRecord.issuer_id == issuer_id)
+        return int(self.session.execute(query).scalar_one())
+
+
+class CRLNumberClash(PKIError):
+    """CRLNumberClash says another publisher took the CRL number first."""
+
+    def __init__(self, issuer_id: str, number: int) -> None:
+        super().__init__(ErrorKind.CONFLICT, f"CRL number {number} of {issuer_id} is taken")
+
+
+class CRLRepository:
+    """CRLRepository reserves CRL numbers and stores signed CRLs."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def reserve(
+        self,
+        issuer_id: str,
+        *,
+        is_delta: bool,
+        base_number: int | None,
+        this_update: datetime.datetime,
+        next_update: datetime.datetime,
+    ) -> CRLRecord:
+        """Reserves the next CRL number of the issuer; raises CRLNumberClash when raced."""
+        highest = self.session.execute(
+            select(func.max(CRLRecord.crl_number)).where(CRLRecord.issuer_id == issuer_id)
+        ).scalar_one_or_none()
+        number = int(highest or 0) + 1
+        record = CRLRecord(
+            issuer_id=issuer_id,
+            crl_number=number,
+            is_delta=is_delta,
+            base_number=base_number,
+            this_update=this_update,
+            next_update=next_update,
+            entries=0,
+            crl_der=None,
+            created_at=this_update,
+        )
+        self.session.add(record)
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise CRLNumberClash(issuer_id, number) from None
+        return record
+
+    def get(self, record_id: int) -> CRLRecord:
+        record = self.session.get(CRLRecord, record_id)
+        if record is None:
+            raise not_found(f"no CRL record {record_id}")
+        return record
+
+    def latest(self, issuer_id: str, *, is_delta: bool) -> CRLRecord | None:
+        """Returns the signed CRL of the issuer with the highest number, full or delta."""
+        return (
+            self.session.execute(
+                select(CRLRecord)
+                .where(
+                    CRLRecord.issuer_id == issuer_id,
+                    CRLRecord.is_delta == is_delta,
+                    CRLRecord.crl_der.is_not(None),
+                )
+                .order_by(CRLRecord.crl_number.desc())
+                .limit(1)
+            )
+            .scalars()
+            .first()
+        )
+
+    def numbers(self, issuer_id: str) -> list[int]:
+        """Returns the issuer's signed CRL numbers in the order they were stored."""
+        return list(
+            self.session.execute(
+                select(CRLRecord.crl_number)
+                .where(CRLRecord.issuer_id == issuer_id, CRLRecord.crl_der.is_not(None))
+                .order_by(CRLRecord.id)
+            )
+            .scalars()
+            .all()
+        )
+
+    def discard(self, record_id: int) -> None:
+        """Drops a reservation whose CRL was never signed; its number stays unused."""
+        self.session.execute(
+            delete(CRLRecord).where(CRLRecord.id == record_id, CRLRecord.crl_der.is_(None))
+        )
+
+
+class RevocationEventRepository:
+    """RevocationEventRepository appends revocation state changes for delta CRLs."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(
+        self, record: CertificateRecord, action: str, reason: str | None, at: datetime.datetime
+    ) -> None:
+        self.session.add(
+            RevocationEvent(
+                issuer_id=record.issuer_id,
+                certificate_id=record.id,
+                serial_hex=record.serial_hex,
+                action=action,
+                reason=reason,
+                at=at,
+            )
+        )
+
+
+class AdminTokenRepository:
+    """AdminTokenRepository stores admin API tokens by hash."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def add(self, record: AdminToken) -> AdminToken:
+        self.session.add(record)
+        self.session.flush()
+        return record
+
+    def by_hash(self, token_sha256: str) -> AdminToken | None:
+        return (
+            self.session.execute(select(AdminToken).where(AdminToken.token_sha256 == token_sha256))
+            .scalars()
+            .first()
+        )
+
+
+class RevocationStore:
+    """RevocationStore bundles what a revocation writes in one transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.certificates = CertificateRepository(session)
+        self.reader = CertificateStateReader(session)
+        self.events = RevocationEventRepository(session)
+        self.responses = OCSPResponseRepository(session)
+
+    def device(self, device_id: str) -> Device | None:
+        return self.session.get(Device, device_id)
+
+    def known_devices(self, device_ids: Sequence[str]) -> list[str]:
+        """Returns which of the listed device ids are registered."""
+        if not device_ids:
+            return []
+        return list(
+            self.session.execute(
+                select(Device.id).where(Device.id.in_(sorted(set(device_ids)))).order_by(Device.id)
+            )
+            .scalars()
+            .all()
+        )

@@ -1,0 +1,103 @@
+"""The admin API on the real CA front (`pki serve ca`, HTTPS) revoking, and the real VA
+(`pki serve va`) saying `revoked` at once, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.integration.conftest import PKI, DevCA, free_port
+from tests.integration.test_va_support import (
+    HOST,
+    admin_token,
+    issue_device,
+    openssl_ocsp,
+    serve_va,
+)
+
+START_TIMEOUT = 45.0
+
+
+@pytest.fixture
+def ca_front(dev_ca_any: DevCA, tmp_path: Path) -> Iterator[str]:
+    """Starts `pki serve ca` on 127.0.0.1 and yields its https URL."""
+    port = free_port()
+    log_path = tmp_path / "ca-front.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PKI, "serve", "ca", "--bind", f"{HOST}:{port}", "--workers", "1", "--threads", "4"],
+            env=dev_ca_any.env | {"PKI_CA_LOGLEVEL": "warning"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"https://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"pki serve ca exited {process.returncode}:\n{log_path.read_text()}")
+            try:
+                r = requests.get(
+                    f"{url}/healthz", verify=str(dev_ca_any.cert("chain.pem")), timeout=2
+                )
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"pki serve ca did not come up:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def test_revoke_over_https_then_va_says_revoked(
+    dev_ca_any: DevCA, ca_front: str, tmp_path: Path
+) -> None:
+    ca = dev_ca_any
+    device = issue_device(ca, tmp_path / "dev", "gw-dev-1")
+    ca.pki("ocsp", "presign")
+    verify = str(ca.cert("chain.pem"))
+    path = f"{ca_front}/api/v1/certificates/{device.serial_hex}/revoke"
+    body = {"reason": "keyCompromise"}
+    with serve_va(ca, tmp_path) as va:
+        before = openssl_ocsp(ca, va, "-cert", device.path, nonce=False)
+        assert f"{device.path}: good" in before.stdout, before.stdout + before.stderr
+
+        assert requests.post(path, json=body, verify=verify, timeout=30).status_code == 401
+        auditor = admin_token(ca, "auditor")
+        refused = requests.post(
+            path,
+            json=body,
+            headers={"Authorization": f"Bearer {auditor}"},
+            verify=verify,
+            timeout=30,
+        )
+        assert refused.status_code == 403
+        still = openssl_ocsp(ca, va, "-cert", device.path, nonce=False)
+        assert f"{device.path}: good" in still.stdout
+
+        operator = admin_token(ca, "operator")
+        done = requests.post(
+            path,
+            json=body,
+            headers={"Authorization": f"Bearer {operator}"},
+            verify=verify,
+            timeout=30,
+        )
+        assert done.status_code == 200, done.text
+        after = openssl_ocsp(ca, va, "-cert", device.path, nonce=False)
+        assert "Response verify OK" in after.stderr, after.stderr
+        assert f"{device.path}: revoked" in after.stdout
+        assert "Reason: keyCompromise" in after.stdout
