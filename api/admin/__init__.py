@@ -15,6 +15,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
+from api.admin.devices import add_device_routes
 from api.errors import error_response
 from api.runtime import Runtime
 from pki.admin_token import AdminIdentity, AdminTokenService, Role, require_role
@@ -182,6 +183,7 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
             {"devices": list(result.devices), "revoked": [_revoked(r) for r in result.revoked]}
         )
 
+    add_device_routes(bp, runtime, identity, _json_body)
     return bp
 
 

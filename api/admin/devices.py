@@ -1,0 +1,81 @@
+"""Admin API for the device registry: bulk registration and one-time secrets (factory role)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+
+from api.runtime import Runtime
+from pki.admin_token import AdminIdentity, Role
+from pki.device import DeviceService
+from pki.errors import bad_request
+from pki.est_config import load_est_config
+
+PROVISIONERS = frozenset({Role.FACTORY, Role.OPERATOR})
+READERS = frozenset({Role.FACTORY, Role.OPERATOR, Role.AUDITOR})
+MAX_DEVICES = 100_000
+
+
+def _csv_of(devices: list[Any]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["id", "model", "batch"])
+    for i, item in enumerate(devices, start=1):
+        if not isinstance(item, dict):
+            raise bad_request(f"devices[{i}]: must be an object with id, model, batch")
+        values = [item.get("id") or item.get("device_id"), item.get("model"), item.get("batch")]
+        if not all(v is None or isinstance(v, str) for v in values):
+            raise bad_request(f"devices[{i}]: id, model and batch must be strings")
+        writer.writerow([v or "" for v in values])
+    return out.getvalue()
+
+
+def add_device_routes(
+    bp: Blueprint,
+    runtime: Runtime,
+    identity: Callable[[frozenset[Role]], AdminIdentity],
+    json_body: Callable[[], dict[str, Any]],
+) -> None:
+    """Adds /devices routes to the admin blueprint."""
+    est = load_est_config(runtime.config)
+    devices = DeviceService(
+        runtime.db,
+        runtime.clock,
+        secret_lifetime=est.secret_lifetime,
+        max_failures=est.max_failures,
+        lockout=est.lockout,
+    )
+
+    @bp.post("/devices")
+    def register_devices() -> Response:
+        """Registers devices in bulk; idempotent, all or nothing, offending rows named."""
+        ident = identity(PROVISIONERS)
+        items = json_body().get("devices")
+        if not isinstance(items, list) or not items:
+            raise bad_request("devices must be a non-empty list")
+        if len(items) > MAX_DEVICES:
+            raise bad_request(f"at most {MAX_DEVICES} devices per call")
+        result = devices.import_csv(_csv_of(items), actor=ident.actor, source="devices")
+        return jsonify({"added": result.added, "unchanged": result.unchanged})
+
+    @bp.post("/devices/<device_id>/secret")
+    def new_secret(device_id: str) -> Response:
+        """Draws a new one-time enrollment secret; it is in this answer and nowhere else."""
+        ident = identity(PROVISIONERS)
+        secret = devices.new_secret(device_id, actor=ident.actor)
+        return jsonify(
+            {
+                "device_id": secret.device_id,
+                "secret": secret.secret,
+                "expires_at": secret.expires_at.isoformat(),
+            }
+        )
+
+    @bp.get("/devices/<device_id>")
+    def show_device(device_id: str) -> Response:
+        identity(READERS)
+        return jsonify(devices.show(device_id).as_dict())
