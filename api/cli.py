@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
-from api import cli_broker, cli_enroll, cli_factory, cli_revoke
+from api import cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
@@ -567,6 +567,7 @@ cli_enroll.register(main)
 cli_revoke.register(main)
 cli_broker.register(main)
 cli_factory.register(main)
+cli_scheduler.register(main)
 
 if __name__ == "__main__":
     main()
