@@ -38,7 +38,9 @@ def _actor() -> str:
 
 
 def _presigner(rt: Runtime) -> OCSPPresigner:
-    return OCSPPresigner(rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key))
+    return OCSPPresigner(
+        rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key), rt.ocsp_config()
+    )
 
 
 def revocation_service(rt: Runtime, *, resign: bool = True) -> RevocationService:
@@ -168,7 +170,7 @@ def register(group: click.Group) -> None:
         targets = list(issuer_ids) or [
             i for i, c in rt.config.ca.issuers.items() if c.parent is not None
         ]
-        publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls)
+        publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, rt.crl_config())
         for issuer_id in targets:
             if if_due:
                 why = publisher.due(

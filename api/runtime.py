@@ -7,6 +7,7 @@ hand key objects to `pki`; environment variables are read here and nowhere deepe
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,8 +17,10 @@ from cryptography import x509
 import hsm
 from pki.clock import Clock, SystemClock
 from pki.config import ConfigSet
+from pki.crl_publisher import CRLPublisherConfig
 from pki.errors import config_error, not_found
 from pki.issuer import IssuanceHook, IssuanceService, Issuer, _no_hook
+from pki.ocsp_responder import OCSPResponderConfig
 from pki.store import Database, session_scope
 from pki.store.repository import IssuerRepository
 
@@ -91,6 +94,24 @@ class Runtime:
                 softhsm_conf=str(self.path(cfg.softhsm_conf)) if cfg.softhsm_conf else None,
             )
         return self._token
+
+    def ocsp_config(self) -> OCSPResponderConfig:
+        """Returns the OCSP windows from ca.toml [revocation]."""
+        r = self.config.ca.revocation
+        return OCSPResponderConfig(
+            validity=datetime.timedelta(hours=r.ocsp_validity_hours),
+            max_age_seconds=r.ocsp_max_age_seconds,
+            extended_revoke=r.extended_revoke,
+        )
+
+    def crl_config(self) -> CRLPublisherConfig:
+        """Returns the CRL windows from ca.toml [revocation]."""
+        r = self.config.ca.revocation
+        return CRLPublisherConfig(
+            full_validity=datetime.timedelta(hours=r.crl_validity_hours),
+            delta_validity=datetime.timedelta(hours=r.delta_crl_validity_hours),
+            deltas=r.delta_crls,
+        )
 
     def issuance(self, hook: IssuanceHook = _no_hook) -> IssuanceService:
         return IssuanceService(self.db, self.clock, self.config.ca.urls, hook=hook)

@@ -128,7 +128,7 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
     # Base64 may hold "//": keep the path as the client sent it.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_OCSP_REQUEST
-    va = _VA(runtime, config or OCSPResponderConfig())
+    va = _VA(runtime, config or runtime.ocsp_config())
     app.extensions["pki_va"] = va
 
     def ocsp_post() -> Response:

@@ -74,6 +74,24 @@ class IssuerConfig(_Strict):
     issues: list[str] = Field(default_factory=list)  # profile names it may sign with
 
 
+class RevocationConfig(_Strict):
+    """RevocationConfig holds the OCSP and CRL time windows (ca.toml [revocation])."""
+
+    # nextUpdate of OCSP responses, live or pre-signed; pre-signed ones are refreshed
+    # before half of it has passed.
+    ocsp_validity_hours: Annotated[int, Field(gt=0, le=24 * 14)] = 24
+    # HTTP caches may keep an OCSP response this long (never beyond its nextUpdate).
+    ocsp_max_age_seconds: Annotated[int, Field(ge=0, le=7 * 86400)] = 3600
+    # RFC 6960 2.2: answer never-issued serials "revoked" with the extended-revoke
+    # extension instead of "unknown".
+    extended_revoke: bool = False
+    # nextUpdate = thisUpdate + this, for full and delta CRLs (RFC 5280 5.1.2.5).
+    crl_validity_hours: Annotated[int, Field(gt=0, le=24 * 366)] = 168
+    delta_crl_validity_hours: Annotated[int, Field(gt=0, le=24 * 31)] = 24
+    # Full CRLs point at a delta CRL (Freshest CRL) when true.
+    delta_crls: bool = True
+
+
 class DatabaseConfig(_Strict):
     url: str = "sqlite:///pki.db"
 
@@ -84,6 +102,7 @@ class CAConfig(_Strict):
     hsm: HSMConfig
     database: DatabaseConfig = DatabaseConfig()
     urls: URLConfig = URLConfig()
+    revocation: RevocationConfig = RevocationConfig()
     issuers: dict[str, IssuerConfig]
 
     @field_validator("issuers")
