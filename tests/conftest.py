@@ -47,15 +47,16 @@ def postgres_server() -> str | None:
     return base
 
 
-def fresh_postgres_database(base: str) -> tuple[str, str]:
-    """Creates an empty database on the server and returns (url, name)."""
+def fresh_postgres_database(base: str, template: str | None = None) -> tuple[str, str]:
+    """Creates a database on the server (empty, or a copy of a template) and returns (url, name)."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     name = f"pki_test_{secrets.token_hex(6)}"
     engine = create_engine(_admin_url(base), isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
+        copy = f' TEMPLATE "{template}"' if template else ""
+        conn.execute(text(f'CREATE DATABASE "{name}"{copy}'))
     engine.dispose()
     url = make_url(_admin_url(base)).set(database=name)
     return url.render_as_string(hide_password=False), name

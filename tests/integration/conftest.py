@@ -79,14 +79,33 @@ def _dev_ca_template(tmp_path_factory: pytest.TempPathFactory) -> DevCA:
     return make_dev_ca(tmp_path_factory.mktemp("dev-ca-template"))
 
 
+def _copy_data_dir(template: DevCA, target: Path) -> None:
+    shutil.copytree(template.data_dir, target)
+    conf = target / "softhsm2.conf"
+    conf.write_text(conf.read_text().replace(str(template.data_dir), str(target)))
+
+
 @pytest.fixture
 def dev_ca(_dev_ca_template: DevCA, tmp_path: Path) -> DevCA:
     """A fresh copy of a demo CA on SQLite (token files and database copied per test)."""
     target = tmp_path / "ca"
-    shutil.copytree(_dev_ca_template.data_dir, target)
-    conf = target / "softhsm2.conf"
-    conf.write_text(conf.read_text().replace(str(_dev_ca_template.data_dir), str(target)))
+    _copy_data_dir(_dev_ca_template, target)
     return DevCA(target, CONFIG_DIR, None)
+
+
+@pytest.fixture(scope="session")
+def _dev_ca_pg_template(
+    postgres_server: str | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[DevCA, str] | None]:
+    """A demo CA on PostgreSQL built once; tests get copies (CREATE DATABASE ... TEMPLATE)."""
+    if postgres_server is None:
+        yield None
+        return
+    url, name = fresh_postgres_database(postgres_server)
+    try:
+        yield make_dev_ca(tmp_path_factory.mktemp("dev-ca-pg-template"), url), name
+    finally:
+        drop_postgres_database(postgres_server, name)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -96,11 +115,14 @@ def dev_ca_any(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevCA
         yield request.getfixturevalue("dev_ca")
         return
     base = request.getfixturevalue("postgres_server")
-    if base is None:
+    template = request.getfixturevalue("_dev_ca_pg_template")
+    if base is None or template is None:
         pytest.skip("PostgreSQL not configured (set PKI_TEST_POSTGRES_URL)")
-    url, name = fresh_postgres_database(base)
+    template_ca, template_name = template
+    url, name = fresh_postgres_database(base, template=template_name)
     try:
-        yield make_dev_ca(tmp_path / "ca", url)
+        _copy_data_dir(template_ca, tmp_path / "ca")
+        yield DevCA(tmp_path / "ca", CONFIG_DIR, url)
     finally:
         drop_postgres_database(base, name)
 
