@@ -89,7 +89,10 @@ def test_demo_command_serves_and_prints_a_working_enrollment(tmp_path: Path) -> 
         assert f"{tmp_path / 'demo.pem'}: good" in pasted.stdout
     finally:
         _stop(proc)
-    # Running it again finds the hierarchy in place and serves again.
+    # Running it again finds the hierarchy in place and serves again (on other ports, so
+    # that a server of the first run still shutting down cannot answer for it).
+    env["PKI_DEMO_CA_PORT"], env["PKI_DEMO_VA_PORT"] = str(free_port()), str(free_port())
+    ca_port = int(env["PKI_DEMO_CA_PORT"])
     log2 = tmp_path / "demo2.log"
     proc = _start(env, log2)
     try:
