@@ -24,7 +24,7 @@ from pki.errors import ErrorKind, PKIError
 from pki.issuer import IssuanceHook, Issued
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, audit, session_scope
-from pki.store.repository import CertificateRepository, IssuerRepository
+from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
 
 EXIT_CODES = {
     ErrorKind.NOT_FOUND: 3,
@@ -408,23 +408,6 @@ def cert() -> None:
     """Inspect issued certificates."""
 
 
-def _record_dict(r: Any) -> dict[str, Any]:
-    return {
-        "serial": r.serial_hex,
-        "issuer": r.issuer_id,
-        "status": r.status.value,
-        "profile": r.profile,
-        "subject": r.subject,
-        "sans": json.loads(r.sans),
-        "device_id": r.device_id,
-        "not_before": r.not_before.isoformat(),
-        "not_after": r.not_after.isoformat(),
-        "fingerprint_sha256": r.fingerprint_sha256,
-        "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
-        "revocation_reason": r.revocation_reason,
-    }
-
-
 @cert.command("show")
 @click.argument("serial")
 @click.option("--issuer", "issuer_id", default=None, help="Issuer, if the serial is ambiguous.")
@@ -445,7 +428,7 @@ def cert_show(ctx: click.Context, serial: str, issuer_id: str | None, pem: bool)
                 nl=False,
             )
             return
-        click.echo(json.dumps(_record_dict(r), indent=2))
+        click.echo(json.dumps(certificate_summary(r), indent=2))
 
 
 @cert.command("list")
@@ -474,7 +457,7 @@ def cert_list(
         )
         for r in rows:
             if as_json:
-                click.echo(json.dumps(_record_dict(r)))
+                click.echo(json.dumps(certificate_summary(r)))
             else:
                 click.echo(
                     f"{r.serial_hex:<34} {r.issuer_id:<12} {r.status.value:<8} "

@@ -9,7 +9,6 @@ VA answers `revoked` from the commit on, whatever this process holds.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ from pki.admin_token import AdminIdentity, AdminTokenService, Role, require_role
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.revocation import MAX_BULK, RevocationService, Revoked, parse_reason
 from pki.serial import parse_serial, serial_hex
-from pki.store import CertificateRecord, audit, session_scope
-from pki.store.repository import CertificateRepository
+from pki.store import audit, session_scope
+from pki.store.repository import CertificateRepository, certificate_summary
 
 PREFIX = "/api/v1"
 OPENAPI = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
@@ -39,23 +38,6 @@ def _serial(text: str) -> str:
         return serial_hex(parse_serial(text))
     except PKIError:
         raise not_found(f"no certificate with serial {text[:64]!r}") from None
-
-
-def _record(r: CertificateRecord) -> dict[str, Any]:
-    return {
-        "serial": r.serial_hex,
-        "issuer": r.issuer_id,
-        "status": r.status.value,
-        "profile": r.profile,
-        "subject": r.subject,
-        "sans": json.loads(r.sans),
-        "device_id": r.device_id,
-        "not_before": r.not_before.isoformat(),
-        "not_after": r.not_after.isoformat(),
-        "fingerprint_sha256": r.fingerprint_sha256,
-        "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
-        "revocation_reason": r.revocation_reason,
-    }
 
 
 def _revoked(r: Revoked) -> dict[str, Any]:
@@ -142,7 +124,7 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         wanted = _serial(serial)
         with session_scope(runtime.db) as session:
             record = CertificateRepository(session).by_serial(wanted, request.args.get("issuer"))
-            return jsonify(_record(record))
+            return jsonify(certificate_summary(record))
 
     @bp.post("/certificates/<serial>/revoke")
     def revoke(serial: str) -> Response:

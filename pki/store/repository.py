@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -12,6 +13,24 @@ from sqlalchemy.orm import Session
 
 from pki.errors import ErrorKind, PKIError, not_found
 from pki.store.models import CertificateRecord, CertificateStatus, IssuerRecord
+
+
+def certificate_summary(r: CertificateRecord) -> dict[str, Any]:
+    """Describes a certificate record as JSON-ready data (never the DER or TBS)."""
+    return {
+        "serial": r.serial_hex,
+        "issuer": r.issuer_id,
+        "status": r.status.value,
+        "profile": r.profile,
+        "subject": r.subject,
+        "sans": json.loads(r.sans),
+        "device_id": r.device_id,
+        "not_before": r.not_before.isoformat(),
+        "not_after": r.not_after.isoformat(),
+        "fingerprint_sha256": r.fingerprint_sha256,
+        "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
+        "revocation_reason": r.revocation_reason,
+    }
 
 
 class DuplicateSerial(PKIError):

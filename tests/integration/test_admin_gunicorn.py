@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.integration.conftest import PKI, DevCA, free_port
+from tests.integration.conftest import DevCA
 from tests.integration.test_va_support import (
-    HOST,
     admin_token,
     issue_device,
     openssl_ocsp,
+    serve_ca,
     serve_va,
 )
 
@@ -26,40 +24,8 @@ START_TIMEOUT = 45.0
 @pytest.fixture
 def ca_front(dev_ca_any: DevCA, tmp_path: Path) -> Iterator[str]:
     """Starts `pki serve ca` on 127.0.0.1 and yields its https URL."""
-    port = free_port()
-    log_path = tmp_path / "ca-front.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [PKI, "serve", "ca", "--bind", f"{HOST}:{port}", "--workers", "1", "--threads", "4"],
-            env=dev_ca_any.env | {"PKI_CA_LOGLEVEL": "warning"},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"https://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"pki serve ca exited {process.returncode}:\n{log_path.read_text()}")
-            try:
-                r = requests.get(
-                    f"{url}/healthz", verify=str(dev_ca_any.cert("chain.pem")), timeout=2
-                )
-                if r.status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"pki serve ca did not come up:\n{log_path.read_text()}")
-            time.sleep(0.2)
+    with serve_ca(dev_ca_any, tmp_path) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
 
 
 def test_revoke_over_https_then_va_says_revoked(

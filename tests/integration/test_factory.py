@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
@@ -10,56 +9,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import requests
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from sqlalchemy import select
 
 from pki.store import CertificateRecord, CertificateStatus, Database, Device, session_scope
-from tests.integration.conftest import PKI, DevCA, free_port
+from tests.integration.conftest import PKI, DevCA
 from tests.integration.mosquitto import Attempt, mosquitto_broker
-from tests.integration.test_va_support import HOST, admin_token, openssl_ocsp, serve_va
-
-START_TIMEOUT = 45.0
-
-
-@contextlib.contextmanager
-def serve_ca(ca: DevCA, log_dir: Path) -> Iterator[str]:
-    """Starts `pki serve ca` on 127.0.0.1 and yields its https URL."""
-    port = free_port()
-    log_path = log_dir / f"ca-front-{port}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [PKI, "serve", "ca", "--bind", f"{HOST}:{port}", "--workers", "2", "--threads", "4"],
-            env=ca.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"https://{HOST}:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"pki serve ca exited {process.returncode}:\n{log_path.read_text()}")
-            with contextlib.suppress(requests.RequestException):
-                r = requests.get(f"{url}/healthz", verify=str(ca.cert("chain.pem")), timeout=2)
-                if r.status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"pki serve ca did not come up:\n{log_path.read_text()}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
+from tests.integration.test_va_support import admin_token, openssl_ocsp, serve_ca, serve_va
 
 
 def write_manifest(path: Path, ids: list[str], batch: str) -> Path:

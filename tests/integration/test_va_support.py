@@ -16,7 +16,7 @@ from cryptography import x509
 from tests.integration.conftest import PKI, DevCA, free_port
 
 HOST = "127.0.0.1"
-START_TIMEOUT = 30.0
+START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 OPENSSL_TIMEOUT = 30
 
@@ -125,3 +125,38 @@ def openssl_ocsp(
 def admin_token(ca: DevCA, role: str) -> str:
     result = ca.pki("admin", "token", "create", "--role", role)
     return result.stdout.strip()
+
+
+@contextlib.contextmanager
+def serve_ca(ca: DevCA, log_dir: Path) -> Iterator[str]:
+    """Starts `pki serve ca` on 127.0.0.1 and yields its https URL."""
+    port = free_port()
+    log_path = log_dir / f"ca-front-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PKI, "serve", "ca", "--bind", f"{HOST}:{port}", "--workers", "2", "--threads", "4"],
+            env=ca.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"https://{HOST}:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"pki serve ca exited {process.returncode}:\n{log_path.read_text()}")
+            with contextlib.suppress(requests.RequestException):
+                r = requests.get(f"{url}/healthz", verify=str(ca.cert("chain.pem")), timeout=2)
+                if r.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"pki serve ca did not come up:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
