@@ -131,7 +131,7 @@ def _generate(rt: Runtime, label: str, key_type: str, *, reuse: bool = False) ->
         except hsm.HSMError as e:
             if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
                 raise
-    return rt.token.generate_key(label, key_type)
+    return rt.generate_key(label, key_type, actor=_actor())
 
 
 def _issuer_done(rt: Runtime, issuer_id: str) -> bool:

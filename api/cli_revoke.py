@@ -257,7 +257,7 @@ def register(group: click.Group) -> None:
                 click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
                 continue
             label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
-            key = rt.token.generate_key(label, key_type)
+            key = rt.generate_key(label, key_type, actor=_actor())
             issuer = rt.issuer(issuer_id)
             issued = CeremonyService(rt.issuance()).ocsp_signer(
                 issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()

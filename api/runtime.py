@@ -21,7 +21,7 @@ from pki.crl_publisher import CRLPublisherConfig
 from pki.errors import config_error, not_found
 from pki.issuer import IssuanceHook, IssuanceService, Issuer, _no_hook
 from pki.ocsp_responder import OCSPResponderConfig
-from pki.store import Database, session_scope
+from pki.store import Database, audit, session_scope
 from pki.store.repository import IssuerRepository
 
 DEFAULT_CONFIG_DIR = "ca-config"
@@ -94,6 +94,20 @@ class Runtime:
                 softhsm_conf=str(self.path(cfg.softhsm_conf)) if cfg.softhsm_conf else None,
             )
         return self._token
+
+    def generate_key(self, label: str, key_type: str, *, actor: str) -> hsm.HSMPrivateKey:
+        """Generates a key inside the token and writes the key generation to the audit log."""
+        key = self.token.generate_key(label, key_type)
+        with session_scope(self.db) as session:
+            audit.append(
+                session,
+                at=self.clock.now(),
+                actor=actor,
+                action="key.generated",
+                target=key.uri,
+                details={"label": label, "key_type": key_type, "token": self.config.ca.hsm.token},
+            )
+        return key
 
     def ocsp_config(self) -> OCSPResponderConfig:
         """Returns the OCSP windows from ca.toml [revocation]."""

@@ -126,6 +126,16 @@ class TestDevHierarchy:
 
     def test_audit_verify_passes_then_catches_edit(self, dev_ca: DevCA) -> None:
         assert "intact" in dev_ca.pki("audit", "verify").stdout
+        events = dev_ca.pki("audit", "list", "--last", "200").stdout
+        for action in (
+            "key.generated",
+            "issuer.created",
+            "issuer.certified",
+            "certificate.pending",
+            "certificate.issued",
+        ):
+            assert action in events, action
+        assert "object=root-ca" in events  # the key generation names the key's URI
         db = Database(dev_ca.db_url())
         with session_scope(db) as s:
             # An operator "fixing" history directly in the database.
