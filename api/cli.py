@@ -532,14 +532,9 @@ def audit_verify(ctx: click.Context) -> None:
 @click.pass_context
 def audit_list(ctx: click.Context, last: int) -> None:
     """Show the newest audit events."""
-    from sqlalchemy import select
-
-    from pki.store import AuditEvent
-
     rt = _runtime(ctx)
     with session_scope(rt.db) as session:
-        rows = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(last))
-        for ev in reversed(rows.scalars().all()):
+        for ev in audit.recent(session, last):
             click.echo(
                 f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {ev.actor:<20} {ev.action:<22} "
                 f"{ev.target} {ev.details}"

@@ -85,6 +85,12 @@ def append(
     return event
 
 
+def recent(session: Session, count: int) -> list[AuditEvent]:
+    """Returns the newest `count` events, oldest first."""
+    rows = session.execute(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(count))
+    return list(reversed(rows.scalars().all()))
+
+
 @dataclasses.dataclass(frozen=True)
 class Verification:
     """Verification is the outcome of walking the chain: how far it held and what broke."""
