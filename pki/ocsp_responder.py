@@ -55,6 +55,7 @@ from pki.store.revocation_models import (
     CertificateStateReader,
     OCSPResponseRecord,
     OCSPResponseRepository,
+    fresh_response,
 )
 
 log = logging.getLogger(__name__)
@@ -238,14 +239,11 @@ class PresignedSource:
         if query.signer.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
             return None
         now = self.clock.now()
-        with session_scope(self.db) as session:
-            found = OCSPResponseRepository(session).fresh(
-                query.issuer_id, serial_hex(cert_id.serial), now
-            )
-        if found is None:
+        with self.db.reader() as conn:
+            stored = fresh_response(conn, query.issuer_id, serial_hex(cert_id.serial), now)
+        if stored is None:
             return None
-        stored, current = found
-        if stored.status != _stored_status(current):
+        if stored.status != _stored_status(stored.current):
             return None  # the certificate changed since it was signed: sign live
         return OCSPAnswer(
             stored.response_der, "presigned", stored.this_update, stored.next_update, True
@@ -293,7 +291,7 @@ class LiveSource:
             for c, mine in zip(request.cert_ids, query.owned, strict=True)
             if mine and c.serial > 0
         ]
-        with session_scope(self.db) as session:
+        with self.db.read_session() as session:
             states = CertificateStateReader(session).by_serials(query.issuer_id, wanted)
         answers, extended = _answers(request.cert_ids, query.owned, states, now, self.config)
         der = build_response(

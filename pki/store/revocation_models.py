@@ -17,11 +17,13 @@ from sqlalchemy import (
     String,
     UniqueConstraint,
     and_,
+    bindparam,
     delete,
     func,
     or_,
     select,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
@@ -173,6 +175,28 @@ class CertificateStateReader:
         ).all()
         return [_state(r) for r in rows]
 
+    def revoked_entries(
+        self, issuer_id: str, now: datetime.datetime
+    ) -> list[tuple[str, datetime.datetime | None, str | None]]:
+        """Returns (serial_hex, revoked_at, reason) of every revoked, unexpired certificate.
+
+        The full-CRL query: three columns through Core rather than whole states, as a CRL of
+        10^6 entries spent most of its time building row objects."""
+        rows = self.session.connection().execute(
+            select(
+                CertificateRecord.serial_hex,
+                CertificateRecord.revoked_at,
+                CertificateRecord.revocation_reason,
+            )
+            .where(
+                CertificateRecord.issuer_id == issuer_id,
+                CertificateRecord.status == CertificateStatus.REVOKED,
+                CertificateRecord.not_after > now,
+            )
+            .order_by(CertificateRecord.id)
+        )
+        return [(r[0], r[1], r[2]) for r in rows]
+
     def changed_since(self, issuer_id: str, since: datetime.datetime) -> list[CertificateState]:
         """Returns the certificates whose revocation state changed at or after `since`."""
         changed = (
@@ -301,6 +325,50 @@ class CertificateStateReader:
             .scalars()
             .all()
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredResponse:
+    """StoredResponse is what the responder needs of a pre-signed response: bytes and states."""
+
+    response_der: bytes
+    status: str  # the CertStatus the response states
+    this_update: datetime.datetime
+    next_update: datetime.datetime
+    current: CertificateStatus  # the certificate's status now
+
+
+_FRESH_RESPONSE = (
+    select(
+        OCSPResponseRecord.response_der,
+        OCSPResponseRecord.status,
+        OCSPResponseRecord.this_update,
+        OCSPResponseRecord.next_update,
+        CertificateRecord.status,
+    )
+    .join(CertificateRecord, CertificateRecord.id == OCSPResponseRecord.certificate_id)
+    .where(
+        CertificateRecord.issuer_id == bindparam("issuer_id"),
+        CertificateRecord.serial_hex == bindparam("serial_hex"),
+        CertificateRecord.not_after > bindparam("now"),
+        OCSPResponseRecord.next_update > bindparam("now"),
+    )
+    .limit(1)
+)
+
+
+def fresh_response(
+    conn: Connection, issuer_id: str, serial_hex: str, now: datetime.datetime
+) -> StoredResponse | None:
+    """Returns a certificate's unexpired stored response and current status, or None.
+
+    A Core query on a read-only connection: the OCSP hot path, without ORM objects."""
+    row = conn.execute(
+        _FRESH_RESPONSE, {"issuer_id": issuer_id, "serial_hex": serial_hex, "now": now}
+    ).first()
+    if row is None:
+        return None
+    return StoredResponse(row[0], row[1], row[2], row[3], row[4])
 
 
 class OCSPResponseRepository:
