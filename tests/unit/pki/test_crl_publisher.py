@@ -11,7 +11,13 @@ import pytest
 from cryptography import x509
 
 from pki import lint
-from pki.crl_publisher import CRLPublisher, CRLPublisherConfig
+from pki.crl import RevokedEntry
+from pki.crl_publisher import (
+    LINT_ALL_ENTRIES_UP_TO,
+    CRLPublisher,
+    CRLPublisherConfig,
+    lint_sample,
+)
 from pki.errors import ErrorKind, PKIError
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
@@ -250,3 +256,52 @@ class TestDue:
         assert self.due(setup) == "revocations since the last CRL"  # the full one is behind
         setup.publisher.publish(setup.h.devices)
         assert self.due(setup) is None
+
+
+class TestLintSample:
+    def _entries(self, n: int) -> list[RevokedEntry]:
+        at = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+        reasons = [KC, x509.ReasonFlags.superseded, None]
+        return [RevokedEntry(1000 + i, at, reasons[i % 3]) for i in range(n)]
+
+    def test_lint_sample_small_crl_is_every_entry(self) -> None:
+        entries = self._entries(LINT_ALL_ENTRIES_UP_TO)
+        assert lint_sample(entries) == entries
+
+    def test_lint_sample_large_crl_has_every_kind_and_both_ends(self) -> None:
+        last = RevokedEntry(2**158, entries_at(), x509.ReasonFlags.cessation_of_operation)
+        entries = [*self._entries(5000), last]
+        sample = lint_sample(entries)
+        assert len(sample) < 200
+        assert {e.reason for e in sample} == {e.reason for e in entries}
+        assert {1000, 2**158} <= {e.serial for e in sample}
+
+    def test_publish_large_crl_lints_a_sample_signed_elsewhere(
+        self, setup: Setup, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        linted: list[bytes] = []
+        real = lint.lint_crl
+
+        def spy(der: bytes, *, authority: bool = False) -> list[lint.Finding]:
+            linted.append(der)
+            return real(der, authority=authority)
+
+        monkeypatch.setattr(lint, "lint_crl", spy)
+        monkeypatch.setattr("pki.crl_publisher.LINT_ALL_ENTRIES_UP_TO", 1)
+        monkeypatch.setattr("pki.crl_publisher.LINT_SAMPLE_HEAD", 1)
+        for name in ("A", "B", "C", "D", "E"):
+            setup.revoke(issue_device(setup.h, name).certificate.serial_number)
+        published = setup.publisher.publish(setup.h.devices)
+        assert len(serials(published.crl_der)) == 5
+        (sample_der,) = linted
+        sample = x509.load_der_x509_crl(sample_der)
+        # The first, the smallest and the largest serial (the first may be one of those).
+        assert 2 <= len(serials(sample_der)) <= 3
+        issuer = setup.h.devices.certificate
+        # Same name and AKI as the real CRL, but not signed by the CA key.
+        assert sample.issuer == issuer.subject
+        assert not sample.is_signature_valid(issuer.public_key())
+
+
+def entries_at() -> datetime.datetime:
+    return datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
