@@ -53,9 +53,10 @@ from pki.store.repository import IssuerRepository
 from pki.store.revocation_models import (
     CertificateState,
     CertificateStateReader,
+    CertificateStates,
+    FreshResponses,
     OCSPResponseRecord,
     OCSPResponseRepository,
-    fresh_response,
 )
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ class PresignedSource:
     def __init__(self, db: Database, clock: Clock) -> None:
         self.db = db
         self.clock = clock
+        self.responses = FreshResponses(db)
 
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
         request = query.request
@@ -239,8 +241,7 @@ class PresignedSource:
         if query.signer.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
             return None
         now = self.clock.now()
-        with self.db.reader() as conn:
-            stored = fresh_response(conn, query.issuer_id, serial_hex(cert_id.serial), now)
+        stored = self.responses.find(query.issuer_id, serial_hex(cert_id.serial), now)
         if stored is None:
             return None
         if stored.status != _stored_status(stored.current):
@@ -282,6 +283,7 @@ class LiveSource:
         self.db = db
         self.clock = clock
         self.config = config
+        self.states = CertificateStates(db)
 
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
         now = self.clock.now()
@@ -291,8 +293,7 @@ class LiveSource:
             for c, mine in zip(request.cert_ids, query.owned, strict=True)
             if mine and c.serial > 0
         ]
-        with self.db.read_session() as session:
-            states = CertificateStateReader(session).by_serials(query.issuer_id, wanted)
+        states = self.states.by_serials(query.issuer_id, wanted)
         answers, extended = _answers(request.cert_ids, query.owned, states, now, self.config)
         der = build_response(
             query.signer, answers, now, nonce=request.nonce, extended_revoke=extended

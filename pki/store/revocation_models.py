@@ -23,11 +23,12 @@ from sqlalchemy import (
     or_,
     select,
 )
-from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
 from pki.errors import ErrorKind, PKIError, not_found
+from pki.store.db import Database
+from pki.store.lean import LeanQuery
 from pki.store.models import Base, CertificateRecord, CertificateStatus, Device, UTCDateTime
 from pki.store.repository import CertificateRepository
 
@@ -357,18 +358,52 @@ _FRESH_RESPONSE = (
 )
 
 
-def fresh_response(
-    conn: Connection, issuer_id: str, serial_hex: str, now: datetime.datetime
-) -> StoredResponse | None:
-    """Returns a certificate's unexpired stored response and current status, or None.
+_STATE_BY_SERIAL = select(*_STATE_COLUMNS).where(
+    CertificateRecord.issuer_id == bindparam("issuer_id"),
+    CertificateRecord.serial_hex == bindparam("serial_hex"),
+)
 
-    A Core query on a read-only connection: the OCSP hot path, without ORM objects."""
-    row = conn.execute(
-        _FRESH_RESPONSE, {"issuer_id": issuer_id, "serial_hex": serial_hex, "now": now}
-    ).first()
-    if row is None:
-        return None
-    return StoredResponse(row[0], row[1], row[2], row[3], row[4])
+
+class CertificateStates:
+    """CertificateStates looks up certificate states one serial at a time, for live OCSP.
+
+    The same hot path as FreshResponses (pki.store.lean). RFC 5019 clients ask for one
+    certificate per request; a request for several costs one indexed lookup each."""
+
+    def __init__(self, db: Database) -> None:
+        self._query = LeanQuery(db, _STATE_BY_SERIAL)
+
+    def by_serials(self, issuer_id: str, serials_hex: Iterable[str]) -> dict[str, CertificateState]:
+        """Returns the state of each listed serial the issuer has a row for."""
+        found: dict[str, CertificateState] = {}
+        for serial in sorted(set(serials_hex)):
+            row = self._query.first(issuer_id=issuer_id, serial_hex=serial)
+            if row is not None:
+                found[serial] = _state(row)
+        return found
+
+    def close(self) -> None:
+        self._query.close()
+
+
+class FreshResponses:
+    """FreshResponses finds a certificate's unexpired pre-signed response and current status.
+
+    The OCSP hot path: one compiled query on a connection of its own (pki.store.lean)."""
+
+    def __init__(self, db: Database) -> None:
+        self._query = LeanQuery(db, _FRESH_RESPONSE)
+
+    def find(
+        self, issuer_id: str, serial_hex: str, now: datetime.datetime
+    ) -> StoredResponse | None:
+        row = self._query.first(issuer_id=issuer_id, serial_hex=serial_hex, now=now)
+        if row is None:
+            return None
+        return StoredResponse(row[0], row[1], row[2], row[3], row[4])
+
+    def close(self) -> None:
+        self._query.close()
 
 
 class OCSPResponseRepository:
