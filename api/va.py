@@ -17,6 +17,7 @@ import threading
 from cryptography.x509 import ocsp as x509_ocsp
 from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import http_date
 
 from api.runtime import Runtime
 from pki.errors import ErrorKind, PKIError
@@ -44,8 +45,8 @@ MAX_OCSP_REQUEST = 16 * 1024
 MAX_CRL_AGE = 3600
 
 
-class _VA:
-    """_VA holds what one worker process opened: the signer set and the responder."""
+class VA:
+    """VA holds what one worker process opened: the signer set and the responder."""
 
     def __init__(self, runtime: Runtime, config: OCSPResponderConfig) -> None:
         self.runtime = runtime
@@ -77,26 +78,33 @@ def _max_age(until: datetime.datetime, now: datetime.datetime, cap: int) -> int:
     return max(0, min(cap, int((until - now).total_seconds())))
 
 
-def _ocsp_response(va: _VA, answer: OCSPAnswer) -> Response:
-    response = Response(answer.der, status=200, mimetype=OCSP_RESPONSE_TYPE)
+def ocsp_headers(
+    answer: OCSPAnswer, now: datetime.datetime, max_age_cap: int
+) -> list[tuple[str, str]]:
+    """The HTTP headers of an OCSP answer, for the Flask app and the OCSP worker alike."""
+    headers = [("Content-Type", OCSP_RESPONSE_TYPE)]
     if not answer.cacheable or answer.this_update is None or answer.next_update is None:
         # A nonce response answers one request only; error responses are not cached either.
-        response.headers["Cache-Control"] = "no-store"
-        return response
-    now = va.runtime.clock.now()
+        headers.append(("Cache-Control", "no-store"))
+        return headers
     # RFC 5019 §6.2: max-age "SHOULD be ... less than or equal to nextUpdate - now"; ETag,
     # Last-Modified (thisUpdate) and Expires (nextUpdate) let caches revalidate.
-    response.cache_control.max_age = _max_age(answer.next_update, now, va.config.max_age_seconds)
-    response.cache_control.public = True
-    response.cache_control.no_transform = True
-    response.cache_control.must_revalidate = True
-    response.set_etag(answer.etag)
-    response.last_modified = answer.this_update
-    response.expires = answer.next_update
-    return response
+    max_age = _max_age(answer.next_update, now, max_age_cap)
+    headers += [
+        ("Cache-Control", f"max-age={max_age}, public, no-transform, must-revalidate"),
+        ("ETag", f'"{answer.etag}"'),
+        ("Last-Modified", http_date(answer.this_update)),
+        ("Expires", http_date(answer.next_update)),
+    ]
+    return headers
 
 
-def _answer(va: _VA, request_der: bytes) -> OCSPAnswer:
+def _ocsp_response(va: VA, answer: OCSPAnswer) -> Response:
+    headers = ocsp_headers(answer, va.runtime.clock.now(), va.config.max_age_seconds)
+    return Response(answer.der, status=200, headers=headers)
+
+
+def answer_ocsp(va: VA, request_der: bytes) -> OCSPAnswer:
     try:
         return va.responder.respond(request_der)
     except PKIError as exc:
@@ -109,7 +117,7 @@ def _answer(va: _VA, request_der: bytes) -> OCSPAnswer:
     return error_answer(x509_ocsp.OCSPResponseStatus.INTERNAL_ERROR)
 
 
-def _decode_get(encoded: str) -> bytes | None:
+def decode_get(encoded: str) -> bytes | None:
     """Decodes the GET form: base64 of the DER, URL-encoded; RFC 6960 Appendix A.1."""
     # Some clients leave '+' unescaped and proxies turn it into a space.
     text = encoded.replace(" ", "+").strip("/")
@@ -128,7 +136,7 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
     # Base64 may hold "//": keep the path as the client sent it.
     app.url_map.merge_slashes = False
     app.config["MAX_CONTENT_LENGTH"] = MAX_OCSP_REQUEST
-    va = _VA(runtime, config or runtime.ocsp_config())
+    va = VA(runtime, config or runtime.ocsp_config())
     app.extensions["pki_va"] = va
 
     def ocsp_post() -> Response:
@@ -141,14 +149,14 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
             return Response("OCSP request too large\n", 413, mimetype="text/plain")
         if len(body) > MAX_OCSP_REQUEST:
             return Response("OCSP request too large\n", 413, mimetype="text/plain")
-        return _ocsp_response(va, _answer(va, body))
+        return _ocsp_response(va, answer_ocsp(va, body))
 
     def ocsp_get(encoded: str) -> Response:
-        der = _decode_get(encoded)
+        der = decode_get(encoded)
         if der is None:
             answer = error_answer(x509_ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         else:
-            answer = _answer(va, der)
+            answer = answer_ocsp(va, der)
         response = _ocsp_response(va, answer)
         response.make_conditional(request)
         return response

@@ -7,15 +7,17 @@ PKI_VA_TIMEOUT, plus PKI_CONFIG_DIR and PKI_DATA_DIR for the app. Run by hand:
 
 No preload_app: each worker builds the app after the fork and opens the PKCS#11 token (only
 the OCSP-signer keys) lazily on its first OCSP request; a token session is never shared
-across processes. Sync workers: a response is a database lookup and at most one signature,
-and SoftHSM serialises signatures per process anyway, so scale with workers.
+across processes. The worker (api/ocsp_worker.py) answers OCSP on an event loop with
+keep-alive and hands every other request to the Flask app: a response is a database lookup
+and at most one signature, SoftHSM serialises signatures per process anyway, so scale with
+workers, one per core.
 """
 
 import os
 
 bind = [os.environ.get("PKI_VA_BIND", "127.0.0.1:8080")]
 workers = int(os.environ.get("PKI_VA_WORKERS", "2"))
-worker_class = "sync"
+worker_class = "api.ocsp_worker.OCSPWorker"
 wsgi_app = "api.va:app_from_environment()"
 preload_app = False
 
