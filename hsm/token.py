@@ -64,6 +64,9 @@ class _TokenState:
     handles: dict[tuple[str, bytes], Any] = field(default_factory=dict)
 
 
+_UNCHECKED = object()
+
+
 class _Library:
     """Holds one PKCS#11 module per process: its lock, its sessions and its generation."""
 
@@ -80,6 +83,9 @@ class _Library:
         # Bumped at every C_Initialize; a session opened under an older generation is dead.
         self.generation = 0
         self.states: dict[str, _TokenState] = {}
+        # The SOFTHSM2_CONF argument last found consistent with the loaded module: checking it
+        # again resolves paths on disk (four lstat calls), on every signature otherwise.
+        self._checked_conf: object = _UNCHECKED
 
     def forked(self) -> None:
         """Forgets what the parent held; the module is re-initialised on first use."""
@@ -95,6 +101,14 @@ class _Library:
 
     def load(self, softhsm_conf: str | None) -> Any:
         """Returns the initialised module, loading it on first use (call with the lock held)."""
+        if (
+            softhsm_conf == self._checked_conf
+            and self.lib is not None
+            and not self.needs_child_init
+            and self.pid == os.getpid()
+        ):
+            return self.lib
+        self._checked_conf = _UNCHECKED
         if self.pid != os.getpid():
             # Belt and braces for a fork the at-fork hook did not see.
             self.pid = os.getpid()
@@ -128,6 +142,7 @@ class _Library:
             )
         if self.needs_child_init:
             self._child_init()
+        self._checked_conf = softhsm_conf
         return self.lib
 
     def _child_init(self) -> None:
