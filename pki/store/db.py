@@ -11,7 +11,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import create_engine, event, inspect
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -32,12 +32,19 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+READ_ONLY = "pki_read_only"
+
+
 def _sqlite_begin_immediate(conn: Any) -> None:
     # A deferred transaction that reads and then writes can fail with "database is
     # locked" when another writer got in between; taking the write lock up front makes
-    # concurrent writers queue on busy_timeout instead. The OCSP hot path reads outside
-    # these transactions, in autocommit (pki.store.lean), and takes no write lock.
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # concurrent writers queue on busy_timeout instead. A read-only connection (the OCSP
+    # hot path) needs no write lock: with it, VA workers queued behind each other and
+    # behind every writer.
+    if conn.get_execution_options().get(READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 class Database:
@@ -65,6 +72,23 @@ class Database:
             self.engine.dispose(close=False)
             self._pid = os.getpid()
         return self._sessions()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[Connection]:
+        """Yields a connection for one read-only transaction (no write lock on SQLite)."""
+        if os.getpid() != self._pid:
+            self.engine.dispose(close=False)
+            self._pid = os.getpid()
+        with self.engine.connect() as conn:
+            conn.execution_options(**{READ_ONLY: True})
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """Yields a session over one read-only transaction (no write lock on SQLite)."""
+        with self.reader() as conn, Session(bind=conn) as session:
+            yield session
 
     def upgrade(self) -> None:
         """Brings the schema to the newest migration."""
