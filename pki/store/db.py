@@ -38,8 +38,8 @@ READ_ONLY = "pki_read_only"
 def _sqlite_begin_immediate(conn: Any) -> None:
     # A deferred transaction that reads and then writes can fail with "database is
     # locked" when another writer got in between; taking the write lock up front makes
-    # concurrent writers queue on busy_timeout instead. A read-only connection (the OCSP
-    # hot path) needs no write lock: with it, VA workers queued behind each other and
+    # concurrent writers queue on busy_timeout instead. A read-only connection (reader(),
+    # read_session()) needs no write lock: with it, readers queued behind each other and
     # behind every writer.
     if conn.get_execution_options().get(READ_ONLY):
         conn.exec_driver_sql("BEGIN")
