@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.utils
 import io
 import os
 import signal
@@ -90,13 +91,23 @@ class _Server:
         self.access: list[str] | None = [] if cfg.accesslog else None
         self._now = 0
         self._stamp = ""
+        self._date = ""
 
-    def timestamp(self) -> str:
+    def _tick(self) -> None:
         now = int(time.time())
         if now != self._now:
             self._now = now
             self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S +0000]", time.gmtime(now))
+            self._date = email.utils.formatdate(now, usegmt=True)
+
+    def timestamp(self) -> str:
+        self._tick()
         return self._stamp
+
+    def date(self) -> str:
+        """The Date header; RFC 9110 §6.6.1: an origin server with a clock MUST send it."""
+        self._tick()
+        return self._date
 
     def log_access(self, peer: str, request_line: str, status: int, size: int, agent: str) -> None:
         if self.access is not None:
@@ -189,6 +200,10 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()
+        expect = self._header(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and self.transport:
+            # RFC 9110 §10.1.1: the client waits for this before sending the body.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
@@ -312,11 +327,14 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return
         body = b"".join(payload)
-        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
+        lines = [
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}",
+            f"Date: {self.server.date()}",
+        ]
         has_length = False
         for name, value in headers:
             lower = name.lower()
-            if lower == "connection":
+            if lower in ("connection", "date"):
                 continue
             if lower == "content-length":
                 has_length = True

@@ -4,6 +4,7 @@ the WSGI hand-over for everything that is not OCSP, and a clean stop on SIGTERM.
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import socket
 import subprocess
@@ -52,6 +53,7 @@ def read_response(stream: socket.socket) -> tuple[int, dict[str, str], bytes]:
     response = http.client.HTTPResponse(stream)
     response.begin()
     body = response.read()
+    response.close()
     return response.status, {k.lower(): v for k, v in response.getheaders()}, body
 
 
@@ -71,8 +73,7 @@ def test_keep_alive_and_pipelining(dev_ca: DevCA, va: VAServer, tmp_path: Path) 
         r = conn.getresponse()
         assert r.status == 200 and r.getheader("Content-Type") == "application/ocsp-response"
         assert good_serial(r.read()) == serial
-        first_sock = conn.sock
-        assert first_sock is not None  # not closed by the server
+        assert conn.sock is not None  # kept alive, not closed by the server
     conn.close()
     # Pipelined: POST, GET and a WSGI request in one write, answered in order.
     encoded = base64.b64encode(der).decode()
@@ -87,6 +88,7 @@ def test_keep_alive_and_pipelining(dev_ca: DevCA, va: VAServer, tmp_path: Path) 
         status, headers, body = read_response(s)
         assert status == 200 and good_serial(body) == serial
         assert "max-age=" in headers["cache-control"] and headers["etag"].startswith('"')
+        assert email.utils.parsedate_to_datetime(headers["date"]).tzinfo is not None
         status, headers, body = read_response(s)
         assert status == 200 and headers["content-type"] == "application/json"
         assert b'"status":"ok"' in body
@@ -123,7 +125,7 @@ def test_get_encodings_and_errors(dev_ca: DevCA, va: VAServer, tmp_path: Path) -
     assert requests.get(f"{va.url}/crl/nobody.crl", timeout=10).status_code == 404
 
 
-def test_malformed_http_closes_only_that_connection(va: VAServer) -> None:
+def test_raw_http_edges(va: VAServer) -> None:
     with socket.create_connection((HOST, va.port), timeout=10) as s:
         s.sendall(b"NOT HTTP AT ALL\r\n\r\n")
         reply = s.recv(4096)
@@ -132,6 +134,20 @@ def test_malformed_http_closes_only_that_connection(va: VAServer) -> None:
     with socket.create_connection((HOST, va.port), timeout=10) as s:
         s.sendall(f"GET /{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert s.recv(4096).startswith(b"HTTP/1.1 414 ")
+    # Expect: 100-continue is answered before the body is sent.
+    with socket.create_connection((HOST, va.port), timeout=10) as s:
+        s.sendall(
+            f"POST /ocsp HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        assert s.recv(4096) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"\x30\x03\x02\x01\x01")
+        status, _, body = read_response(s)
+        assert status == 200
+        assert (
+            ocsp.load_der_ocsp_response(body).response_status
+            is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        )
     # HTTP/1.0 without keep-alive: answered, then closed.
     with socket.create_connection((HOST, va.port), timeout=10) as s:
         s.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
