@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from sqlalchemy import insert
 
 from pki import lint
-from pki.crl import RevokedEntry
+from pki.crl import RevokedEntry, build_crl
 from pki.crl_publisher import (
     LINT_ALL_ENTRIES_UP_TO,
     CRLPublisher,
@@ -21,7 +22,7 @@ from pki.crl_publisher import (
 from pki.errors import ErrorKind, PKIError
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
-from pki.store import Database, session_scope
+from pki.store import CertificateRecord, CertificateStatus, Database, session_scope
 from pki.store.revocation_models import CRLRepository
 from tests.unit.pki.conftest import Hierarchy
 from tests.unit.pki.revocation_pki import openssl
@@ -44,6 +45,31 @@ class Setup:
 @pytest.fixture
 def setup(hierarchy: Hierarchy) -> Setup:
     return Setup(hierarchy)
+
+
+def insert_revoked(db: Database, now: datetime.datetime, count: int) -> set[int]:
+    """Inserts revoked rows of the devices CA directly, as bench/crl.py does; their serials."""
+    rows = [
+        {
+            "issuer_id": "devices",
+            "serial_hex": serial_hex(0x10_0000 + i),
+            "profile": "device",
+            "status": CertificateStatus.REVOKED,
+            "subject": "serialNumber=BULK",
+            "sans": "[]",
+            "not_before": now - datetime.timedelta(days=1),
+            "not_after": now + datetime.timedelta(days=30),
+            "tbs_der": b"\x30\x00",
+            "created_at": now,
+            "issued_at": now,
+            "revoked_at": now - datetime.timedelta(seconds=i),
+            "revocation_reason": ("keyCompromise", "superseded", None)[i % 3],
+        }
+        for i in range(count)
+    ]
+    with session_scope(db) as session:
+        session.execute(insert(CertificateRecord.__table__), rows)  # type: ignore[arg-type]
+    return {0x10_0000 + i for i in range(count)}
 
 
 def serials(crl_der: bytes) -> set[int]:
@@ -128,6 +154,30 @@ class TestPublishFull:
         refused = openssl(*args, tmp_path / "bad.pem")
         assert refused.returncode != 0
         assert "certificate revoked" in refused.stdout + refused.stderr
+
+    def test_publish_refuses_a_crl_whose_signature_does_not_verify(
+        self, setup: Setup, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # pki.crl encodes the CRL itself; the publisher reads it back and checks the signature
+        # before storing it. The last octet of a DER ECDSA signature is the end of s.
+        def corrupted(**kwargs: object) -> bytes:
+            der = build_crl(**kwargs)  # type: ignore[arg-type]
+            return der[:-1] + bytes((der[-1] ^ 1,))
+
+        monkeypatch.setattr("pki.crl_publisher.build_crl", corrupted)
+        setup.revoke(issue_device(setup.h).certificate.serial_number)
+        with pytest.raises(PKIError) as exc:
+            setup.publisher.publish(setup.h.devices)
+        assert exc.value.kind is ErrorKind.INTERNAL
+        with session_scope(setup.h.db) as s:
+            assert CRLRepository(s).latest("devices", is_delta=False) is None
+
+    def test_publish_full_crl_streams_every_revoked_row(self, setup: Setup) -> None:
+        # More rows than one yield_per batch of CertificateStateReader.revoked_entries.
+        inserted = insert_revoked(setup.h.db, setup.clock.now(), 25_000)
+        published = setup.publisher.publish(setup.h.devices)
+        assert published.entries == 25_000
+        assert serials(published.crl_der) == inserted
 
 
 class TestPublishDelta:
