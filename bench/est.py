@@ -57,7 +57,7 @@ def _secret(args: tuple[dict[str, str], str]) -> Job:
 
 
 def prepare(env: dict[str, str], prefix: str, count: int) -> list[Job]:
-    """Registers devices and draws their one-time secrets (scrypt) in two processes."""
+    """Registers devices and draws their one-time secrets in two processes."""
     rt = Runtime.open(environ=env)
     ids = [f"{prefix}-{i:05d}" for i in range(count)]
     try:

@@ -3,8 +3,16 @@
 A device is registered (by an operator or a factory CSV), gets a one-time secret, enrolls
 over EST, and from then on re-enrolls with its certificate. States: registered → enrolled →
 revoked or decommissioned. Secrets are drawn from `secrets` (192 bits), shown once, stored
-only as a salted scrypt hash, expire, and are consumed by the transaction that records the
+only as a SHA-256 hash, expire, and are consumed by the transaction that records the
 certificate they bought, so two requests can never both spend one secret.
+
+Why SHA-256 and not a slow key-derivation function: a KDF only slows the guessing of a
+low-entropy secret, and these are never chosen by a person. NIST SP 800-63B 5.1.2.1
+(look-up secrets): "Look-up secrets having at least 112 bits of entropy SHALL be hashed
+with an approved one-way function"; only those with fewer bits need a salted KDF. At 192
+bits a stolen hash cannot be reversed by search either way, and scrypt (N=2^14, r=8) cost
+~42 ms of CPU on every enrollment. Hashes stored before the change (`scrypt$...`) still
+verify until their secret is spent or expires.
 """
 
 from __future__ import annotations
@@ -31,11 +39,6 @@ from pki.store.enrollment_repository import (
 )
 
 SECRET_BYTES = 24  # 192 bits of entropy, 32 URL-safe characters
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
-SCRYPT_SALT_BYTES = 16
-SCRYPT_DKLEN = 32
 MAX_SECRET_LENGTH = 256
 MAX_CSV_ERRORS = 20
 CSV_COLUMNS = ("id", "model", "batch")
@@ -56,40 +59,44 @@ def forbidden(message: str) -> PKIError:
     return PKIError(ErrorKind.FORBIDDEN, message)
 
 
-def hash_secret(secret: str, *, n: int = SCRYPT_N) -> str:
-    """Hashes a secret with scrypt and a fresh salt; the parameters travel with the hash."""
-    salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
-    digest = _scrypt(secret, salt, n, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${n}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+def hash_secret(secret: str) -> str:
+    """Hashes a server-drawn secret with SHA-256; the scheme name travels with the hash."""
+    return "sha256$" + hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
 
 def verify_secret(secret: str, stored: str) -> bool:
-    """Checks a secret against a stored hash in constant time."""
+    """Checks a secret against a stored hash (`sha256$...`, or `scrypt$...` from before)."""
+    scheme, _, rest = stored.partition("$")
     try:
-        scheme, n, r, p, salt, digest = stored.split("$")
-        if scheme != "scrypt":
+        if scheme == "sha256":
+            expected = bytes.fromhex(rest)
+            actual = hashlib.sha256(secret.encode("utf-8")).digest()
+        elif scheme == "scrypt":
+            n, r, p, salt, digest = rest.split("$")
+            expected = bytes.fromhex(digest)
+            actual = _scrypt(secret, bytes.fromhex(salt), int(n), int(r), int(p))
+        else:
             return False
-        expected = bytes.fromhex(digest)
-        actual = _scrypt(secret, bytes.fromhex(salt), int(n), int(r), int(p))
     except ValueError:
         return False
     return hmac.compare_digest(expected, actual)
 
 
 def _scrypt(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    # Hashes written before secrets were stored as SHA-256; verified, never written.
     return hashlib.scrypt(
         secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32
     )
 
 
-_DUMMY_HASH: str | None = None
+# Checked against when there is no stored hash, so an unknown device ID costs one SHA-256
+# and a compare like a known one. (A known device whose secret was stored as scrypt before
+# the change costs more, until that secret is spent or expires: secret_lifetime_hours.)
+_DUMMY_HASH = hash_secret(secrets.token_urlsafe(SECRET_BYTES))
 
 
 def _burn_time(secret: str) -> None:
     # An unknown device costs as much as a known one, so timing does not tell them apart.
-    global _DUMMY_HASH
-    if _DUMMY_HASH is None:
-        _DUMMY_HASH = hash_secret(secrets.token_urlsafe(SECRET_BYTES))
     verify_secret(secret, _DUMMY_HASH)
 
 
@@ -196,14 +203,12 @@ class DeviceService:
         secret_lifetime: datetime.timedelta = datetime.timedelta(hours=72),
         max_failures: int = 5,
         lockout: datetime.timedelta = datetime.timedelta(minutes=15),
-        scrypt_n: int = SCRYPT_N,
     ) -> None:
         self.db = db
         self.clock = clock
         self.secret_lifetime = secret_lifetime
         self.max_failures = max_failures
         self.lockout = lockout
-        self.scrypt_n = scrypt_n
 
     # --- registry ---------------------------------------------------------------------
 
@@ -378,7 +383,7 @@ class DeviceService:
         """Draws a new one-time secret for a device; any unused older one stops working."""
         now = self.clock.now()
         secret = secrets.token_urlsafe(SECRET_BYTES)
-        hashed = hash_secret(secret, n=self.scrypt_n)
+        hashed = hash_secret(secret)
         expires_at = now + self.secret_lifetime
         with session_scope(self.db) as session:
             device = DeviceRepository(session).get(device_id, for_update=True)

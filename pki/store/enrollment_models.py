@@ -26,14 +26,14 @@ class ApprovalState(enum.Enum):
 
 
 class EnrollmentSecret(Base):
-    """EnrollmentSecret is a one-time enrollment secret, kept only as a scrypt hash."""
+    """EnrollmentSecret is a one-time enrollment secret, kept only as a hash."""
 
     __tablename__ = "enrollment_secrets"
     __table_args__ = (Index("ix_enrollment_secrets_device_state", "device_id", "state"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"))
-    # "scrypt$N$r$p$salt-hex$hash-hex": the parameters travel with the hash.
+    # "sha256$hash-hex"; rows written before it: "scrypt$N$r$p$salt-hex$hash-hex".
     secret_hash: Mapped[str] = mapped_column(String(256))
     state: Mapped[SecretState] = mapped_column(
         Enum(

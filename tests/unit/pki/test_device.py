@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import threading
 
@@ -38,17 +39,32 @@ def _count(db: Database, model: type[object]) -> int:
         return int(s.execute(select(func.count()).select_from(model)).scalar_one())
 
 
+def _scrypt_hash(secret: str) -> str:
+    # The form secrets were stored in before SHA-256 (N=2^14, r=8, p=1, 16-byte salt).
+    salt = bytes(range(16))
+    digest = hashlib.scrypt(secret.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return f"scrypt$16384$8$1${salt.hex()}${digest.hex()}"
+
+
 class TestSecretHash:
-    def test_hash_secret_verifies_and_salts(self) -> None:
-        a, b = hash_secret("s3cret"), hash_secret("s3cret")
-        assert a != b
-        assert a.startswith("scrypt$16384$8$1$")
-        assert verify_secret("s3cret", a)
-        assert not verify_secret("s3cret!", a)
+    def test_hash_secret_is_tagged_sha256(self) -> None:
+        hashed = hash_secret("s3cret")
+        assert hashed == "sha256$" + hashlib.sha256(b"s3cret").hexdigest()
+        assert verify_secret("s3cret", hashed)
+        assert not verify_secret("s3cret!", hashed)
+
+    def test_verify_secret_accepts_stored_scrypt_hashes(self) -> None:
+        stored = _scrypt_hash("s3cret")
+        assert verify_secret("s3cret", stored)
+        assert not verify_secret("s3cret!", stored)
 
     def test_verify_secret_refuses_garbage(self) -> None:
         assert not verify_secret("x", "plain")
         assert not verify_secret("x", "bcrypt$1$2$3$00$00")
+        assert not verify_secret("x", "sha256$not-hex")
+        assert not verify_secret("x", "scrypt$16384$8$1$00")
+        # The hex of the right digest without its scheme tag is not a stored hash.
+        assert not verify_secret("x", hashlib.sha256(b"x").hexdigest())
 
 
 class TestRegistry:
@@ -160,6 +176,19 @@ class TestSecrets:
         devices.add("D-1", actor="t")
         new = devices.new_secret("D-1", actor="t")
         assert devices.authenticate("D-1", new.secret).device_id == "D-1"
+
+    def test_authenticate_secret_stored_as_scrypt(
+        self, db: Database, devices: DeviceService
+    ) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        with session_scope(db) as s:
+            row = s.execute(select(EnrollmentSecret)).scalar_one()
+            row.secret_hash = _scrypt_hash(new.secret)
+        assert devices.authenticate("D-1", new.secret).device_id == "D-1"
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", new.secret + "x")
+        assert e.value.kind is ErrorKind.UNAUTHORIZED
 
     def test_new_secret_replaces_old(self, db: Database, devices: DeviceService) -> None:
         devices.add("D-1", actor="t")
