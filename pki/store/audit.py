@@ -46,6 +46,29 @@ def event_hash(
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+_HEAD = "pki_audit_head"
+
+
+def _locked_head(session: Session) -> AuditHead:
+    # The head row is locked (FOR UPDATE) by the first event of a transaction and stays
+    # locked until it ends; later events of the same transaction reuse it instead of
+    # asking again. Every round-trip made while holding this lock serialises all writers.
+    # A savepoint has its own key: a lock taken inside one is released by its rollback.
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    cached = session.info.get(_HEAD)
+    if cached is not None and cached[0] is transaction:
+        head: AuditHead = cached[1]
+        return head
+    found = session.execute(
+        select(AuditHead).where(AuditHead.id == 1).with_for_update()
+    ).scalar_one_or_none()
+    if found is None:
+        found = AuditHead(id=1, seq=0, hash=GENESIS)
+        session.add(found)
+    session.info[_HEAD] = (transaction, found)
+    return found
+
+
 def append(
     session: Session,
     *,
@@ -55,13 +78,12 @@ def append(
     target: str,
     details: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Appends an event in the caller's transaction, so it commits with what it records."""
-    head = session.execute(
-        select(AuditHead).where(AuditHead.id == 1).with_for_update()
-    ).scalar_one_or_none()
-    if head is None:
-        head = AuditHead(id=1, seq=0, hash=GENESIS)
-        session.add(head)
+    """Appends an event in the caller's transaction, so it commits with what it records.
+
+    The event is written by the session's next flush (at the latest, its commit), together
+    with the other events of the transaction: one lock of the chain's head per transaction.
+    """
+    head = _locked_head(session)
     body = canonical(details or {})
     at = at.replace(microsecond=0)
     seq = head.seq + 1
@@ -81,7 +103,6 @@ def append(
     session.add(event)
     head.seq = seq
     head.hash = digest
-    session.flush()
     return event
 
 

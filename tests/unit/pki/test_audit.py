@@ -88,3 +88,29 @@ class TestAuditChain:
         fill(db, 1)
         result = check(db)
         assert result.ok and result.events == 3
+
+    def test_audit_several_events_in_one_transaction_chain(self, db: Database) -> None:
+        fill(db, 1)
+        with session_scope(db) as s:
+            for i in range(3):
+                audit.append(s, at=T0, actor="t", action="a", target=f"x{i}")
+        fill(db, 1)
+        result = check(db)
+        assert result.ok and result.events == 5
+
+    def test_audit_event_in_rolled_back_savepoint_is_gone(self, db: Database) -> None:
+        fill(db, 1)
+        with session_scope(db) as s:
+            audit.append(s, at=T0, actor="t", action="kept", target="x")
+            try:
+                with s.begin_nested():
+                    audit.append(s, at=T0, actor="t", action="dropped", target="y")
+                    raise RuntimeError("abort")
+            except RuntimeError:
+                pass
+            audit.append(s, at=T0, actor="t", action="kept", target="z")
+        result = check(db)
+        assert result.ok and result.events == 3
+        with session_scope(db) as s:
+            actions = [e.action for e in audit.recent(s, 3)]
+        assert actions == ["thing.done", "kept", "kept"]
