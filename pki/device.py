@@ -35,6 +35,7 @@ from pki.store.enrollment_repository import (
     AuthFailureRepository,
     DeviceRepository,
     SecretRepository,
+    login_state,
     session_of,
 )
 
@@ -418,15 +419,11 @@ class DeviceService:
         if not DEVICE_ID_RE.match(device_id) or len(secret) > MAX_SECRET_LENGTH:
             _burn_time(secret[:MAX_SECRET_LENGTH])
             raise unauthorized(BAD_SECRET)
-        with session_scope(self.db) as session:
-            device = DeviceRepository(session).find(device_id)
-            failure = AuthFailureRepository(session).find(device_id)
-            candidates = [
-                (s.id, s.secret_hash, s.expires_at)
-                for s in SecretRepository(session).active(device_id)
-            ]
-            state = device.state if device is not None else None
-            locked_until = failure.locked_until if failure is not None else None
+        with self.db.read_session() as session:
+            login = login_state(session, device_id)
+        state = login.state if login is not None else None
+        locked_until = login.locked_until if login is not None else None
+        candidates = login.secrets if login is not None else ()
         if state is None:
             _burn_time(secret)
             raise unauthorized(BAD_SECRET)

@@ -41,7 +41,7 @@ from pki.serverkeygen import ServerGeneratedKey
 from pki.store import CertificateRecord, CertificateStatus, Database, audit, session_scope
 from pki.store.enrollment_models import ApprovalState, PendingApproval
 from pki.store.enrollment_repository import ApprovalRepository, session_of
-from pki.store.repository import CertificateRepository, IssuerRepository
+from pki.store.repository import CertificateRepository, IssuedSummary, IssuerRepository
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class EnrollmentService:
         _, cfg = self.label(label)
         chain: list[x509.Certificate] = []
         issuer_id: str | None = cfg.issuer
-        with session_scope(self.db) as session:
+        with self.db.read_session() as session:
             repo = IssuerRepository(session)
             while issuer_id is not None and len(chain) < 10:
                 record = repo.get(issuer_id)
@@ -259,26 +259,20 @@ class EnrollmentService:
         """Revokes (superseded) certificates whose newer successor is past the grace period."""
         now = self.clock.now()
         due: list[tuple[str, str]] = []
-        with session_scope(self.db) as session:
-            repo = CertificateRepository(session)
-            if device_id is not None:
-                records = list(repo.list(device_id=device_id, status=CertificateStatus.ISSUED))
-            else:
-                records = [
-                    r
-                    for r in repo.list(status=CertificateStatus.ISSUED, limit=1_000_000)
-                    if r.device_id is not None
-                ]
-            groups: dict[tuple[str, str], list[CertificateRecord]] = {}
-            for r in records:
-                if r.device_id is not None and r.issued_at is not None:
-                    groups.setdefault((r.device_id, r.profile), []).append(r)
-            for group in groups.values():
-                group.sort(key=lambda r: (r.issued_at, r.id))
-                newest = group[-1]
-                assert newest.issued_at is not None
-                if newest.issued_at + self.est.supersede_grace <= now:
-                    due.extend((r.serial_hex, r.issuer_id) for r in group[:-1])
+        # A read-only transaction of a few columns: this runs after every enrollment, and
+        # on SQLite a writing one would queue for the database's write lock.
+        with self.db.read_session() as session:
+            records = CertificateRepository(session).issued_of_device(device_id)
+        groups: dict[tuple[str, str], list[IssuedSummary]] = {}
+        for r in records:
+            if r.device_id is not None and r.issued_at is not None:
+                groups.setdefault((r.device_id, r.profile), []).append(r)
+        for group in groups.values():
+            group.sort(key=lambda r: (r.issued_at, r.id))
+            newest = group[-1]
+            assert newest.issued_at is not None
+            if newest.issued_at + self.est.supersede_grace <= now:
+                due.extend((r.serial_hex, r.issuer_id) for r in group[:-1])
         revoked = []
         for serial, issuer_id in due:
             try:

@@ -30,7 +30,7 @@ from pki.csr import CertificateRequest, subject_text
 from pki.errors import ErrorKind, PKIError, config_error, internal
 from pki.profile import IssuerView, certificate_builder
 from pki.serial import new_serial, serial_hex
-from pki.store import CertificateRecord, CertificateStatus, Database, audit, session_scope
+from pki.store import CertificateRecord, Database, audit, session_scope
 from pki.store.repository import CertificateRepository, DuplicateSerial
 
 SERIAL_ATTEMPTS = 5
@@ -268,11 +268,9 @@ class IssuanceService:
         cert_der = cert.public_bytes(serialization.Encoding.DER)
         digest = fingerprint(cert_der)
         with session_scope(self.db) as session:
-            record = CertificateRepository(session).get(record_id)
-            record.status = CertificateStatus.ISSUED
-            record.cert_der = cert_der
-            record.fingerprint_sha256 = digest
-            record.issued_at = self.clock.now()
+            CertificateRepository(session).mark_issued(
+                record_id, cert_der=cert_der, fingerprint_sha256=digest, at=self.clock.now()
+            )
             audit.append(
                 session,
                 at=self.clock.now(),

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
@@ -26,6 +27,48 @@ def session_of(obj: object) -> Session:
     if session is None:
         raise internal("record is not attached to a session")
     return session
+
+
+@dataclasses.dataclass(frozen=True)
+class LoginState:
+    """LoginState is what checking a one-time secret needs: device state, lock-out, secrets."""
+
+    state: DeviceState
+    locked_until: datetime.datetime | None
+    # (secret id, stored hash, expiry) of each active secret, newest first.
+    secrets: tuple[tuple[int, str, datetime.datetime], ...]
+
+
+def login_state(session: Session, device_id: str) -> LoginState | None:
+    """Reads a device's login state in one query; None for an unknown device."""
+    query = (
+        select(
+            Device.state,
+            AuthFailure.locked_until,
+            EnrollmentSecret.id,
+            EnrollmentSecret.secret_hash,
+            EnrollmentSecret.expires_at,
+        )
+        .select_from(Device)
+        .outerjoin(AuthFailure, AuthFailure.device_id == Device.id)
+        .outerjoin(
+            EnrollmentSecret,
+            and_(
+                EnrollmentSecret.device_id == Device.id,
+                EnrollmentSecret.state == SecretState.ACTIVE,
+            ),
+        )
+        .where(Device.id == device_id)
+        .order_by(EnrollmentSecret.id.desc())
+    )
+    rows = session.execute(query).all()
+    if not rows:
+        return None
+    return LoginState(
+        state=rows[0][0],
+        locked_until=rows[0][1],
+        secrets=tuple((r[2], r[3], r[4]) for r in rows if r[2] is not None),
+    )
 
 
 class DeviceRepository:
@@ -155,10 +198,14 @@ class AuthFailureRepository:
         return row
 
     def reset(self, device_id: str) -> None:
-        row = self.session.get(AuthFailure, device_id)
-        if row is not None and (row.failures or row.locked_until is not None):
-            row.failures = 0
-            row.locked_until = None
+        """Clears a device's failure count and lock-out, if it has any (one UPDATE)."""
+        self.session.execute(
+            update(AuthFailure)
+            .where(AuthFailure.device_id == device_id)
+            .where((AuthFailure.failures != 0) | AuthFailure.locked_until.is_not(None))
+            .values(failures=0, locked_until=None)
+            .execution_options(synchronize_session=False)
+        )
 
 
 class ApprovalRepository:

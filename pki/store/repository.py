@@ -5,13 +5,13 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from pki.errors import ErrorKind, PKIError, not_found
+from pki.errors import ErrorKind, PKIError, internal, not_found
 from pki.store.models import CertificateRecord, CertificateStatus, IssuerRecord
 
 
@@ -31,6 +31,17 @@ def certificate_summary(r: CertificateRecord) -> dict[str, Any]:
         "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
         "revocation_reason": r.revocation_reason,
     }
+
+
+class IssuedSummary(NamedTuple):
+    """IssuedSummary is what superseding needs to know of an issued device certificate."""
+
+    id: int
+    serial_hex: str
+    issuer_id: str
+    profile: str
+    device_id: str | None
+    issued_at: datetime.datetime | None
 
 
 class DuplicateSerial(PKIError):
@@ -110,6 +121,42 @@ class CertificateRepository:
                 raise DuplicateSerial(issuer_id, serial_hex) from None
             raise
         return record
+
+    def mark_issued(
+        self, record_id: int, *, cert_der: bytes, fingerprint_sha256: str, at: datetime.datetime
+    ) -> None:
+        """Stores the signed certificate of a pending record in one UPDATE (no load first)."""
+        result = self.session.execute(
+            update(CertificateRecord)
+            .where(CertificateRecord.id == record_id)
+            .where(CertificateRecord.status == CertificateStatus.PENDING)
+            .values(
+                status=CertificateStatus.ISSUED,
+                cert_der=cert_der,
+                fingerprint_sha256=fingerprint_sha256,
+                issued_at=at,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if int(getattr(result, "rowcount", 0) or 0) != 1:
+            raise internal(f"certificate record {record_id} is not pending")
+
+    def issued_of_device(self, device_id: str | None) -> list[IssuedSummary]:
+        """Lists the issued certificates of one device (None: of every device), oldest first."""
+        query = select(
+            CertificateRecord.id,
+            CertificateRecord.serial_hex,
+            CertificateRecord.issuer_id,
+            CertificateRecord.profile,
+            CertificateRecord.device_id,
+            CertificateRecord.issued_at,
+        ).where(CertificateRecord.status == CertificateStatus.ISSUED)
+        if device_id is not None:
+            query = query.where(CertificateRecord.device_id == device_id)
+        else:
+            query = query.where(CertificateRecord.device_id.is_not(None))
+        rows = self.session.execute(query.order_by(CertificateRecord.id))
+        return [IssuedSummary(*row) for row in rows]
 
     def get(self, record_id: int) -> CertificateRecord:
         record = self.session.get(CertificateRecord, record_id)
