@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -18,6 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from pki.errors import ErrorKind, PKIError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Closeable(Protocol):
+    def close(self) -> None: ...
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -64,6 +69,8 @@ class Database:
             event.listen(self.engine, "begin", _sqlite_begin_immediate)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._pid = os.getpid()
+        # Objects holding a connection outside the pool (pki.store.lean), closed by dispose().
+        self._detached: weakref.WeakSet[Closeable] = weakref.WeakSet()
 
     def session(self) -> Session:
         """Returns a new session; after a fork the inherited pool is dropped first."""
@@ -108,7 +115,13 @@ class Database:
     def has_schema(self) -> bool:
         return inspect(self.engine).has_table("certificates")
 
+    def track_detached(self, holder: Closeable) -> None:
+        """Has dispose() close a holder of a connection taken out of the pool."""
+        self._detached.add(holder)
+
     def dispose(self) -> None:
+        for holder in list(self._detached):
+            holder.close()
         self.engine.dispose()
 
 

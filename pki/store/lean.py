@@ -52,6 +52,7 @@ class LeanQuery:
         self._lock = threading.Lock()
         self._conn: Any = None
         self._pid = os.getpid()
+        db.track_detached(self)
 
     def _connection(self) -> Any:
         if self._conn is not None and self._pid == os.getpid():
@@ -98,6 +99,13 @@ class LeanQuery:
         if conn is not None:
             with contextlib.suppress(self._errors):
                 conn.close()
+
+    def __del__(self) -> None:
+        # A query dropped without close() (a responder rebuilt) must not leave its
+        # connection to the garbage collector, which warns and closes it at random times.
+        if getattr(self, "_conn", None) is not None and self._pid == os.getpid():
+            with contextlib.suppress(Exception):
+                self._conn.close()
 
     def close(self) -> None:
         with self._lock:
