@@ -77,9 +77,10 @@ class HTTPError(Exception):
 class _Server:
     """_Server is one worker's state shared by its connections."""
 
-    def __init__(self, worker: OCSPWorker, va: VA) -> None:
+    def __init__(self, worker: OCSPWorker, va: VA, loop: asyncio.AbstractEventLoop) -> None:
         self.worker = worker
         self.va = va
+        self.loop = loop
         cfg = worker.cfg
         self.keepalive = float(cfg.keepalive or 2)
         self.request_timeout = float(max(worker.timeout, 10))
@@ -116,6 +117,12 @@ class _Server:
                 f'{peer} - - {self.timestamp()} "{request_line}" {status} {size} "-" "{agent}"'
             )
 
+    def sweep(self) -> None:
+        """Closes connections idle past keepalive or stuck in a request past the timeout."""
+        now = self.loop.time()
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn._close()
+
     def flush_access(self) -> None:
         if self.access:
             lines, self.access[:] = "\n".join(self.access), []
@@ -136,7 +143,7 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
         self.keep_alive = True
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time after which the sweep closes this connection
         self.closing = False
         self.in_message = False
 
@@ -153,7 +160,6 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self._disarm()
         self.transport = None
 
     def data_received(self, data: bytes) -> None:
@@ -366,21 +372,14 @@ class _Connection(asyncio.Protocol):
 
     def _close(self) -> None:
         self.closing = True
-        self._disarm()
         if self.transport is not None:
             self.transport.close()
 
-    # timers: an idle keep-alive connection or a request that never completes is closed
+    # An idle keep-alive connection or a request that never completes is closed by the
+    # worker's periodic sweep (_Server.sweep): a timer per request cost more than the lookup.
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        loop = asyncio.get_running_loop()
-        self.timer = loop.call_later(seconds, self._close)
-
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self.deadline = self.server.loop.time() + seconds
 
 
 def _text(status: int, message: str) -> tuple[int, list[tuple[str, str]], Iterable[bytes]]:
@@ -397,7 +396,7 @@ class OCSPWorker(Worker):  # type: ignore[misc]
         loop = _new_loop()
         asyncio.set_event_loop(loop)
         try:
-            loop.run_until_complete(self._serve(loop, _Server(self, va)))
+            loop.run_until_complete(self._serve(loop, _Server(self, va, loop)))
         finally:
             loop.close()
 
@@ -429,6 +428,7 @@ class OCSPWorker(Worker):  # type: ignore[misc]
         while self.alive and not stop.is_set():
             self.notify()
             server.flush_access()
+            server.sweep()
             if self.ppid != os.getppid():
                 self.log.info("Parent changed, shutting down: %s", self)
                 break

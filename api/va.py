@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import logging
 import os
 import threading
@@ -78,6 +79,12 @@ def _max_age(until: datetime.datetime, now: datetime.datetime, cap: int) -> int:
     return max(0, min(cap, int((until - now).total_seconds())))
 
 
+@functools.lru_cache(maxsize=4096)
+def _http_date(at: datetime.datetime) -> str:
+    # Pre-signed responses of one run share thisUpdate and nextUpdate: format them once.
+    return http_date(at)
+
+
 def ocsp_headers(
     answer: OCSPAnswer, now: datetime.datetime, max_age_cap: int
 ) -> list[tuple[str, str]]:
@@ -93,8 +100,8 @@ def ocsp_headers(
     headers += [
         ("Cache-Control", f"max-age={max_age}, public, no-transform, must-revalidate"),
         ("ETag", f'"{answer.etag}"'),
-        ("Last-Modified", http_date(answer.this_update)),
-        ("Expires", http_date(answer.next_update)),
+        ("Last-Modified", _http_date(answer.this_update)),
+        ("Expires", _http_date(answer.next_update)),
     ]
     return headers
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import time
 from typing import Protocol
 
 
@@ -15,8 +16,18 @@ class Clock(Protocol):
 class SystemClock:
     """SystemClock reads the system time, truncated to whole seconds as X.509 encodes it."""
 
+    def __init__(self) -> None:
+        # The OCSP path asks several times per request; within one second the answer is the
+        # same object. One tuple, swapped whole, so threads never see a half update.
+        self._second: tuple[int, datetime.datetime] = (0, datetime.datetime.now(datetime.UTC))
+
     def now(self) -> datetime.datetime:
-        return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        second = int(time.time())
+        cached = self._second
+        if cached[0] != second:
+            cached = (second, datetime.datetime.fromtimestamp(second, datetime.UTC))
+            self._second = cached
+        return cached[1]
 
 
 class FixedClock:

@@ -160,6 +160,8 @@ class SignerSet:
         self.reload_every = reload_every
         self._lock = threading.Lock()
         self._loaded_at: datetime.datetime | None = None
+        # The next reload: reload_every after the last, or the first signer's expiry.
+        self._due: datetime.datetime | None = None
         self._matchers: dict[str, IssuerMatcher] = {}
         self._signers: dict[str, OCSPSigner] = {}
         self.problems: dict[str, str] = {}
@@ -194,16 +196,19 @@ class SignerSet:
                 problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
+        self._due = min(
+            [now + self.reload_every]
+            + [s.responder_cert.not_valid_after_utc for s in signers.values()]
+        )
 
     def refresh(self, *, force: bool = False) -> None:
         """Reloads issuers and signers when due (or forced)."""
         now = self.clock.now()
+        due = self._due
+        if not force and due is not None and now < due:
+            return  # every request asks: the common case takes no lock
         with self._lock:
-            due = self._loaded_at is None or now - self._loaded_at >= self.reload_every
-            expired = any(
-                s.responder_cert.not_valid_after_utc <= now for s in self._signers.values()
-            )
-            if force or due or expired:
+            if force or self._due is None or now >= self._due:
                 self._load(now)
 
     def matchers(self) -> Mapping[str, IssuerMatcher]:

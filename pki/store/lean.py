@@ -24,6 +24,20 @@ from pki.store.db import Database
 
 Processor = Callable[[Any], Any] | None
 
+# Bumped in a forked child. A connection opened before the fork belongs to the parent: the
+# child must neither use it nor close it (closing a PostgreSQL connection sends Terminate on
+# the shared socket), so it is kept here, unreferenced by any query, until the child exits.
+_fork_generation = 0
+_inherited: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 class LeanQuery:
     """LeanQuery runs one compiled SELECT; safe across threads (a lock) and forks (a pid)."""
@@ -51,15 +65,18 @@ class LeanQuery:
         self._errors: type[Exception] = dialect.loaded_dbapi.Error
         self._lock = threading.Lock()
         self._conn: Any = None
-        self._pid = os.getpid()
+        self._generation = _fork_generation
         db.track_detached(self)
 
     def _connection(self) -> Any:
-        if self._conn is not None and self._pid == os.getpid():
+        if self._generation == _fork_generation and self._conn is not None:
             return self._conn
-        # Never reuse a connection inherited across fork; a new one per process.
-        self._pid = os.getpid()
-        self._conn = None
+        if self._generation != _fork_generation:
+            # Never reuse a connection inherited across fork; a new one per process.
+            if self._conn is not None:
+                _inherited.append(self._conn)
+            self._conn = None
+            self._generation = _fork_generation
         proxied = self.db.engine.raw_connection()
         proxied.detach()  # this connection is ours until close(), never back in the pool
         conn: Any = proxied.dbapi_connection
@@ -103,12 +120,14 @@ class LeanQuery:
     def __del__(self) -> None:
         # A query dropped without close() (a responder rebuilt) must not leave its
         # connection to the garbage collector, which warns and closes it at random times.
-        if getattr(self, "_conn", None) is not None and self._pid == os.getpid():
+        if getattr(self, "_conn", None) is not None and self._generation == _fork_generation:
             with contextlib.suppress(Exception):
                 self._conn.close()
 
     def close(self) -> None:
         with self._lock:
-            if self._pid == os.getpid():
+            if self._generation == _fork_generation:
                 self._drop()
+            elif self._conn is not None:
+                _inherited.append(self._conn)
             self._conn = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 
 import pytest
 from sqlalchemy import bindparam, select, text
@@ -95,4 +96,24 @@ def test_a_lost_connection_is_unavailable_then_replaced(db: Database) -> None:
     assert "database unavailable" in failed.value.message
     # The next lookup opens a new connection.
     assert query.first(issuer_id="devices", serial_hex="02", now=NOW) is not None
+    query.close()
+
+
+def test_a_forked_child_neither_uses_nor_closes_the_parents_connection(db: Database) -> None:
+    add_certificate(db, "03", CertificateStatus.ISSUED)
+    query = LeanQuery(db, BY_SERIAL)
+    assert query.first(issuer_id="devices", serial_hex="03", now=NOW) is not None
+    pid = os.fork()
+    if pid == 0:  # the child: its own connection, then exit without closing the parent's
+        code = 1
+        try:
+            row = query.first(issuer_id="devices", serial_hex="03", now=NOW)
+            code = 0 if row is not None and row[0] is CertificateStatus.ISSUED else 2
+            query.close()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # The parent's connection still answers: the child did not terminate it.
+    assert query.first(issuer_id="devices", serial_hex="03", now=NOW) is not None
     query.close()
