@@ -17,6 +17,8 @@ HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 PKI = str(VENV_BIN / "pki")
+PYTHON = str(VENV_BIN / "python")
+GUNICORN_CA = REPO / "scripts" / "gunicorn_ca.py"
 
 WRK_DONE = """
 done = function(summary, latency, requests)

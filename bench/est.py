@@ -4,8 +4,8 @@ The load client is Python with one process per concurrent client (multiprocessin
 GIL of the client is not the limit; client and server share the machine's cores. Keys and
 CSRs are made before the clock starts; each device has a one-time secret (HTTP Basic).
 Beside it: the HSM ceiling (P-256 signatures/s through the same Token and key object the CA
-uses) and a TLS "hello" ceiling (GET /healthz on the same gunicorn config, new TLS connection
-per request; /healthz pings the database and the token, so it is a bit more than fixed bytes).
+uses) and a TLS "hello" ceiling: bench/hello.py, fixed bytes, under the same gunicorn config
+(scripts/gunicorn_ca.py: worker class, workers, threads, TLS), a new TLS connection per request.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select
 
 from api.runtime import Runtime
-from bench.common import HOST, PKI, free_port, server
+from bench.common import GUNICORN_CA, HOST, PKI, PYTHON, free_port, server
 from pki.device import DeviceService
 from pki.store import CertificateRecord, CertificateStatus, session_scope
 
@@ -229,10 +229,28 @@ def bench_est(
                 f"  recorded {r['recorded']}",
                 flush=True,
             )
-        hello: dict[str, object] = {}
+    hello: dict[str, object] = {}
+    hello_port = free_port()
+    hello_env = dict(env)
+    hello_env.update(
+        {
+            "PKI_CA_BIND": f"{HOST}:{hello_port}",
+            "PKI_CA_WORKERS": str(workers),
+            "PKI_CA_THREADS": str(threads),
+            "PKI_CA_CERTFILE": str(data_dir / "tls" / "server.pem"),
+            "PKI_CA_KEYFILE": str(data_dir / "tls" / "server.key"),
+            "PKI_CA_CLIENT_CAS": cafile,
+        }
+    )
+    with server(
+        [PYTHON, "-m", "gunicorn", "-c", str(GUNICORN_CA), "bench.hello:app"],
+        work / f"hello-{name}.log",
+        env=hello_env,
+        ready_url=f"https://{HOST}:{hello_port}/",
+    ):
         for clients in levels:
             fake = [("", "", b"")] * hello_requests
-            h = drive(port, cafile, fake, clients, "hello")
+            h = drive(hello_port, cafile, fake, clients, "hello")
             h.pop("serials")
             hello[str(clients)] = h
             print(
