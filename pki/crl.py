@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, paddin
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from pki.der import der_length, tlv
 from pki.errors import bad_request, config_error, internal
 
 # RFC 5280 §5.2.3: "CRL issuers MUST NOT use CRLNumber values longer than 20 octets."
@@ -78,20 +79,8 @@ def _reason_extensions(code: int) -> bytes:
     containing the DER ENUMERATED }. RFC 5280 §5.3.1: "The reasonCode is a non-critical CRL
     entry extension", and DER (X.690 §11.5) leaves out a field equal to its DEFAULT."""
     enumerated = bytes((0x0A, 0x01, code))
-    extension = _tlv(0x30, _tlv(0x06, bytes.fromhex("551d15")) + _tlv(0x04, enumerated))
-    return _tlv(0x30, extension)
-
-
-def _der_length(n: int) -> bytes:
-    """Encodes a DER length: one octet below 128, else 0x80 | count and the count octets."""
-    if n < 0x80:
-        return bytes((n,))
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(octets),)) + octets
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    return b"".join((bytes((tag,)), _der_length(len(content)), content))
+    extension = tlv(0x30, tlv(0x06, bytes.fromhex("551d15")) + tlv(0x04, enumerated))
+    return tlv(0x30, extension)
 
 
 def _children(der: bytes) -> list[bytes]:
@@ -264,9 +253,9 @@ def _with_entries(tbs_der: bytes, revoked_der: bytes | bytearray) -> bytes:
     # MUST be absent."
     if not revoked_der:
         return tbs_der
-    revoked = b"".join((b"\x30", _der_length(len(revoked_der)), revoked_der))
+    revoked = b"".join((b"\x30", der_length(len(revoked_der)), revoked_der))
     content = b"".join((*fields[:5], revoked, *fields[5:]))
-    return b"".join((b"\x30", _der_length(len(content)), content))
+    return b"".join((b"\x30", der_length(len(content)), content))
 
 
 def _authority_key_identifier(issuer_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
@@ -373,6 +362,6 @@ def build_crl(
     signature = _sign(issuer_key, tbs_der, hash_algorithm)
     # CertificateList ::= SEQUENCE { tbsCertList, signatureAlgorithm, signatureValue BIT STRING }
     # with no unused bits in the signature's BIT STRING.
-    signature_value = b"".join((b"\x03", _der_length(len(signature) + 1), b"\x00", signature))
+    signature_value = b"".join((b"\x03", der_length(len(signature) + 1), b"\x00", signature))
     length = len(tbs_der) + len(signature_algorithm) + len(signature_value)
-    return b"".join((b"\x30", _der_length(length), tbs_der, signature_algorithm, signature_value))
+    return b"".join((b"\x30", der_length(length), tbs_der, signature_algorithm, signature_value))

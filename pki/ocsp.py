@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import ocsp as x509_ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from pki.der import tlv
 from pki.errors import bad_request, config_error, internal
 
 # RFC 8954 §2.1: "If the Nonce extension is present, then the length of the nonce MUST be at
@@ -51,21 +52,10 @@ EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 # --- a minimal DER writer --------------------------------------------------------------------
 
 
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes((n,))
-    octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((0x80 | len(octets),)) + octets
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    return bytes((tag,)) + _der_length(len(content)) + content
-
-
 def _der_integer(value: int) -> bytes:
     # Minimal two's complement: one sign bit more than the magnitude needs.
     size = (value + (value < 0)).bit_length() // 8 + 1
-    return _tlv(0x02, value.to_bytes(size, "big", signed=True))
+    return tlv(0x02, value.to_bytes(size, "big", signed=True))
 
 
 def _der_oid(dotted: str) -> bytes:
@@ -78,7 +68,7 @@ def _der_oid(dotted: str) -> bytes:
             chunk.append(0x80 | (arc & 0x7F))
             arc >>= 7
         body.extend(reversed(chunk))
-    return _tlv(0x06, bytes(body))
+    return tlv(0x06, bytes(body))
 
 
 def _der_generalized_time(at: datetime.datetime) -> bytes:
@@ -105,13 +95,13 @@ _HASH_OIDS = {
 }
 # AlgorithmIdentifier with NULL parameters, as OpenSSL writes it in CertIDs.
 _HASH_ALGORITHM_DER = {
-    name: _tlv(0x30, _der_oid(oid) + _DER_NULL) for name, oid in _HASH_OIDS.items()
+    name: tlv(0x30, _der_oid(oid) + _DER_NULL) for name, oid in _HASH_OIDS.items()
 }
 
 _NONCE_EXTENSION_PREFIX = _der_oid(_OID_NONCE)
 # RFC 6960 §4.4.8: "The value of the extension SHALL be NULL. This extension MUST NOT be marked
 # critical."
-_EXTENDED_REVOKE_EXTENSION = _tlv(0x30, _der_oid(_OID_EXTENDED_REVOKE) + _tlv(0x04, _DER_NULL))
+_EXTENDED_REVOKE_EXTENSION = tlv(0x30, _der_oid(_OID_EXTENDED_REVOKE) + tlv(0x04, _DER_NULL))
 _BASIC_RESPONSE_TYPE = _der_oid(_OID_BASIC_RESPONSE)
 
 
@@ -365,11 +355,11 @@ class IssuerMatcher:
         if hashes_ is None:
             raise bad_request(f"unsupported CertID hash algorithm {hash_algorithm}")
         name_hash, key_hash = hashes_
-        der = _tlv(
+        der = tlv(
             0x30,
             _HASH_ALGORITHM_DER[hash_algorithm]
-            + _tlv(0x04, name_hash)
-            + _tlv(0x04, key_hash)
+            + tlv(0x04, name_hash)
+            + tlv(0x04, key_hash)
             + _der_integer(serial),
         )
         return CertID(hash_algorithm, name_hash, key_hash, serial, der)
@@ -441,8 +431,8 @@ class CertStatus:
         # Like a CRL entry (RFC 5280 §5.3.1), an unspecified reason is left out rather than
         # written as unspecified (0).
         if self.reason is not None and self.reason is not x509.ReasonFlags.unspecified:
-            info += _tlv(0xA0, b"\x0a\x01" + bytes((_REASON_CODES[self.reason],)))
-        return _tlv(0xA1, info)  # revoked [1] IMPLICIT RevokedInfo
+            info += tlv(0xA0, b"\x0a\x01" + bytes((_REASON_CODES[self.reason],)))
+        return tlv(0xA1, info)  # revoked [1] IMPLICIT RevokedInfo
 
 
 @dataclass(frozen=True)
@@ -499,16 +489,16 @@ def _signature_scheme(
         oid, digest = _ECDSA_BY_CURVE.get(key.curve.name, _ECDSA_BY_CURVE["secp256r1"])
         ecdsa = ec.ECDSA(digest)
         # RFC 5758 §3.2: "the encoding MUST omit the parameters field".
-        return _tlv(0x30, _der_oid(oid)), lambda data: key.sign(data, ecdsa)
+        return tlv(0x30, _der_oid(oid)), lambda data: key.sign(data, ecdsa)
     if isinstance(key, rsa.RSAPrivateKey):
         pkcs1 = padding.PKCS1v15()
         sha256 = hashes.SHA256()
         # sha256WithRSAEncryption with NULL parameters (RFC 4055 §5).
-        alg = _tlv(0x30, _der_oid("1.2.840.113549.1.1.11") + _DER_NULL)
+        alg = tlv(0x30, _der_oid("1.2.840.113549.1.1.11") + _DER_NULL)
         return alg, lambda data: key.sign(data, pkcs1, sha256)
     if isinstance(key, ed25519.Ed25519PrivateKey):
         # RFC 8410 §3: "the parameters MUST be absent".
-        return _tlv(0x30, _der_oid("1.3.101.112")), key.sign
+        return tlv(0x30, _der_oid("1.3.101.112")), key.sign
     raise config_error(f"OCSP signing with {type(key).__name__} keys is not supported")
 
 
@@ -554,23 +544,23 @@ class OCSPSigner:
         # responders that conform to this profile MUST use the byKey field to represent the
         # ResponderID to reduce the size of the response."
         key_hash = hashlib.sha1(key_bits, usedforsecurity=False).digest()
-        set_(self, "_responder_id", _tlv(0xA2, _tlv(0x04, key_hash)))
+        set_(self, "_responder_id", tlv(0xA2, tlv(0x04, key_hash)))
         set_(self, "_signature_algorithm", signature_algorithm)
         set_(self, "_sign", sign)
         # RFC 5019 §2.2.2: "If the response is signed by a delegate of the issuing CA, a valid
         # responder certificate MUST be referenced in the BasicOCSPResponse.certs structure."
         responder_der = self.responder_cert.public_bytes(Encoding.DER)
-        set_(self, "_certs", _tlv(0xA0, _tlv(0x30, responder_der)))
+        set_(self, "_certs", tlv(0xA0, tlv(0x30, responder_der)))
 
 
 def _single_response(answer: SingleAnswer) -> bytes:
     """Encodes one SingleResponse around the CertID bytes as the request sent them."""
-    return _tlv(
+    return tlv(
         0x30,
         answer.cert_id.der
         + answer.status.der()
         + _der_generalized_time(answer.this_update)
-        + _tlv(0xA0, _der_generalized_time(answer.next_update)),
+        + tlv(0xA0, _der_generalized_time(answer.next_update)),
     )
 
 
@@ -608,29 +598,29 @@ def build_response(
             raise bad_request("an empty nonce cannot be echoed")
         # RFC 8954 §2.1: "in responses, it would be included as one of the
         # responseExtensions"; the request's extnValue octets go back unchanged.
-        extensions += _tlv(0x30, _NONCE_EXTENSION_PREFIX + _tlv(0x04, nonce))
+        extensions += tlv(0x30, _NONCE_EXTENSION_PREFIX + tlv(0x04, nonce))
     if extended_revoke:
         extensions += _EXTENDED_REVOKE_EXTENSION
-    response_data = _tlv(
+    response_data = tlv(
         0x30,
         signer._responder_id
         + _der_generalized_time(produced_at)
-        + _tlv(0x30, b"".join(singles))
-        + (_tlv(0xA1, _tlv(0x30, extensions)) if extensions else b""),
+        + tlv(0x30, b"".join(singles))
+        + (tlv(0xA1, tlv(0x30, extensions)) if extensions else b""),
     )
     # RFC 6960 §4.2.1: "The value for signature SHALL be computed on the hash of the DER
     # encoding of ResponseData."
     signature = signer._sign(response_data)
-    basic = _tlv(
+    basic = tlv(
         0x30,
         response_data
         + signer._signature_algorithm
-        + _tlv(0x03, b"\x00" + signature)
+        + tlv(0x03, b"\x00" + signature)
         + signer._certs,
     )
-    response_bytes = _tlv(0x30, _BASIC_RESPONSE_TYPE + _tlv(0x04, basic))
+    response_bytes = tlv(0x30, _BASIC_RESPONSE_TYPE + tlv(0x04, basic))
     # responseStatus successful (0), then responseBytes [0] EXPLICIT.
-    return _tlv(0x30, b"\x0a\x01\x00" + _tlv(0xA0, response_bytes))
+    return tlv(0x30, b"\x0a\x01\x00" + tlv(0xA0, response_bytes))
 
 
 _ERROR_STATUSES = frozenset(
@@ -649,4 +639,4 @@ def build_error_response(status: x509_ocsp.OCSPResponseStatus) -> bytes:
     # RFC 6960 §2.3: "These messages are not signed."
     if status not in _ERROR_STATUSES:
         raise internal(f"{status.name} is not an OCSP error status")
-    return _tlv(0x30, b"\x0a\x01" + bytes((status.value,)))
+    return tlv(0x30, b"\x0a\x01" + bytes((status.value,)))
