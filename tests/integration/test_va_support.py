@@ -28,6 +28,7 @@ class VAServer:
     url: str
     port: int
     log_path: Path
+    process: subprocess.Popen[bytes]
 
     @property
     def ocsp_url(self) -> str:
@@ -46,7 +47,7 @@ def serve_va(ca: DevCA, log_dir: Path, workers: int = 2) -> Iterator[VAServer]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    server = VAServer(f"http://{HOST}:{port}", port, log_path)
+    server = VAServer(f"http://{HOST}:{port}", port, log_path, process)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:

@@ -7,8 +7,6 @@ import base64
 import email.utils
 import http.client
 import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from tests.integration.conftest import PKI, DevCA, free_port
+from tests.integration.conftest import DevCA
 from tests.integration.test_va_support import VAServer, issue_device, serve_va
 
 HOST = "127.0.0.1"
@@ -159,33 +157,12 @@ def test_raw_http_edges(va: VAServer) -> None:
 
 
 def test_sigterm_stops_workers_with_idle_connections_open(dev_ca: DevCA, tmp_path: Path) -> None:
-    port = free_port()
-    log_path = tmp_path / "va.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [PKI, "serve", "va", "--bind", f"{HOST}:{port}", "--workers", "2"],
-            env=dev_ca.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"http://{HOST}:{port}/healthz", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
-        idle = [socket.create_connection((HOST, port), timeout=10) for _ in range(4)]
-        process.terminate()
-        assert process.wait(timeout=20) == 0, log_path.read_text()
+    with serve_va(dev_ca, tmp_path, workers=2) as server:
+        idle = [socket.create_connection((HOST, server.port), timeout=10) for _ in range(4)]
+        server.process.terminate()
+        assert server.process.wait(timeout=20) == 0, server.log_path.read_text()
         for s in idle:
             assert s.recv(1) == b""  # closed by the worker, not left hanging
             s.close()
-        assert "Worker exiting" in log_path.read_text() or "Shutting down" in log_path.read_text()
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+        log = server.log_path.read_text()
+        assert "Worker exiting" in log or "Shutting down" in log
