@@ -122,10 +122,10 @@ def db_upgrade(ctx: click.Context) -> None:
 # --- ceremonies -----------------------------------------------------------------------
 
 
-def _generate(rt: Runtime, label: str, key_type: str, *, reuse: bool = False) -> Any:
+def _generate(rt: Runtime, token: str, label: str, key_type: str, *, reuse: bool = False) -> Any:
     if reuse:
-        return rt.reuse_or_generate_key(label, key_type, actor=_actor())
-    return rt.generate_key(label, key_type, actor=_actor())
+        return rt.reuse_or_generate_key(label, key_type, token=token, actor=_actor())
+    return rt.generate_key(label, key_type, token=token, actor=_actor())
 
 
 def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
@@ -151,13 +151,15 @@ def _ceremony_root(rt: Runtime, path: Path, *, reuse: bool = False) -> None:
             ErrorKind.CONFIG,
             f"{path}: issuer {cer.issuer} has a parent; use 'pki ceremony intermediate'",
         )
-    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=reuse
+    )
     service = CeremonyService(rt.issuance())
     issuer = service.root(
         cer,
         rt.config.profile(cer.profile),
         key,
-        key_uri=rt.token.key_uri(cfg.key_label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
@@ -174,14 +176,16 @@ def _ceremony_intermediate(rt: Runtime, path: Path, *, reuse: bool = False) -> N
             f"ca.toml: issuers.{cer.issuer}.parent: an intermediate needs a parent",
         )
     parent = rt.issuer(cfg.parent)
-    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=reuse
+    )
     service = CeremonyService(rt.issuance())
     issuer = service.intermediate(
         cer,
         rt.config.profile(cer.profile),
         key,
         parent,
-        key_uri=rt.token.key_uri(cfg.key_label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
@@ -200,12 +204,12 @@ def _ceremony_ocsp_signer(rt: Runtime, issuer_id: str, key_type: str) -> Issued:
     issuer = rt.issuer(issuer_id)
     # Each signer certificate gets a fresh key: a renewed responder never reuses a key.
     label = f"{cfg.ocsp_signer_key_label}-{rt.clock.now().strftime('%Y%m%d%H%M%S')}"
-    key = _generate(rt, label, key_type)
+    key = _generate(rt, rt.config.ca.signer_token(issuer_id), label, key_type)
     issued = CeremonyService(rt.issuance()).ocsp_signer(
         issuer,
         rt.config.profile("ocsp-signer"),
         key,
-        key_uri=rt.token.key_uri(label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
@@ -311,23 +315,27 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     if (dev_dir / "certs" / "chain.pem").exists():
         click.echo(f"{dev_dir} is already initialised")
         return
-    cfg = rt.config.ca.hsm
-    if not cfg.softhsm_conf or not cfg.pin_file:
-        raise PKIError(ErrorKind.CONFIG, "ca.toml: hsm: --dev needs softhsm_conf and pin_file")
     dev_dir.mkdir(parents=True, exist_ok=True)
-    pin_path = rt.path(cfg.pin_file)
-    so_path = pin_path.with_name("hsm-so.pin")
-    if not pin_path.exists():
-        _write_secret(pin_path, secrets.token_hex(16))
-        _write_secret(so_path, secrets.token_hex(16))
-    tok = hsm.init_softhsm_token(
-        rt.path(cfg.softhsm_conf).parent,
-        cfg.token,
-        so_pin=so_path.read_text().strip(),
-        user_pin=pin_path.read_text().strip(),
-        module_path=cfg.module,
-    )
-    click.echo(f"SoftHSM token {tok.label!r} in {tok.token_dir}")
+    # One SoftHSM token per [tokens] entry (root, issuing CA, VA), each with its own random
+    # user and SO PINs.
+    for name, cfg in rt.config.ca.tokens.items():
+        if not cfg.softhsm_conf or not cfg.pin_file:
+            raise PKIError(
+                ErrorKind.CONFIG, f"ca.toml: tokens.{name}: --dev needs softhsm_conf and pin_file"
+            )
+        pin_path = rt.path(cfg.pin_file)
+        so_path = pin_path.with_name(pin_path.stem.removesuffix("-user") + "-so.pin")
+        if not pin_path.exists():
+            _write_secret(pin_path, secrets.token_hex(16))
+            _write_secret(so_path, secrets.token_hex(16))
+        tok = hsm.init_softhsm_token(
+            rt.path(cfg.softhsm_conf).parent,
+            rt.token_label(name),
+            so_pin=so_path.read_text().strip(),
+            user_pin=pin_path.read_text().strip(),
+            module_path=cfg.module,
+        )
+        click.echo(f"SoftHSM token {tok.label!r} ({name}) in {tok.token_dir}")
     rt.db.upgrade()
     roots = [i for i, c in rt.config.ca.issuers.items() if c.parent is None]
     ceremonies = rt.config.directory / "ceremonies"
@@ -479,19 +487,34 @@ def issuer_list(ctx: click.Context) -> None:
 
 @main.group("key")
 def key_group() -> None:
-    """Inspect keys in the token."""
+    """Inspect keys in the tokens."""
+
+
+def _token_holding(rt: Runtime, label: str, names: list[str]) -> hsm.Token:
+    for name in names:
+        token = rt.token_named(name)
+        try:
+            token.load_key(label)
+        except hsm.HSMError as e:
+            if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
+                raise
+            continue
+        return token
+    raise PKIError(ErrorKind.NOT_FOUND, f"no key {label!r} in token(s) {', '.join(names)}")
 
 
 @key_group.command("show")
 @click.argument("label")
+@click.option("--token", "token_name", default=None, help="Token name in ca.toml [tokens].")
 @click.pass_context
-def key_show(ctx: click.Context, label: str) -> None:
+def key_show(ctx: click.Context, label: str, token_name: str | None) -> None:
     """Show a key's URI and protection attributes, and whether its private value can be read."""
     rt = _runtime(ctx)
-    info: dict[str, Any] = {"label": label, "uri": rt.token.key_uri(label)}
-    info.update(rt.token.key_attributes(label))
+    token = _token_holding(rt, label, [token_name] if token_name else list(rt.config.ca.tokens))
+    info: dict[str, Any] = {"label": label, "uri": token.key_uri(label)}
+    info.update(token.key_attributes(label))
     try:
-        rt.token.read_private_value(label)
+        token.read_private_value(label)
         info["private_value_readable"] = True
     except hsm.HSMError as e:
         info["private_value_readable"] = False

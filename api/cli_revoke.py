@@ -38,9 +38,7 @@ def _actor() -> str:
 
 
 def _presigner(rt: Runtime) -> OCSPPresigner:
-    return OCSPPresigner(
-        rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key), rt.ocsp_config()
-    )
+    return OCSPPresigner(rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.load_key), rt.ocsp_config())
 
 
 def revocation_service(rt: Runtime, *, resign: bool = True) -> RevocationService:
@@ -245,6 +243,10 @@ def register(group: click.Group) -> None:
         ]
         now = rt.clock.now()
         for issuer_id in targets:
+            if not issuer_ids and not rt.may_open(rt.config.ca.issuer_token(issuer_id)):
+                # An offline issuer (the root) certifies its signers in a root ceremony.
+                click.echo(f"{issuer_id}: its token is offline here, not renewed")
+                continue
             cfg = rt.config.ca.issuers.get(issuer_id)
             if cfg is None or not cfg.ocsp_signer_key_label:
                 raise PKIError(
@@ -257,10 +259,11 @@ def register(group: click.Group) -> None:
                 click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
                 continue
             label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
-            key = rt.generate_key(label, key_type, actor=_actor())
+            token = rt.config.ca.signer_token(issuer_id)
+            key = rt.generate_key(label, key_type, token=token, actor=_actor())
             issuer = rt.issuer(issuer_id)
             issued = CeremonyService(rt.issuance()).ocsp_signer(
-                issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
+                issuer, profile, key, key_uri=key.uri, actor=_actor()
             )
             out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -313,7 +316,7 @@ def register(group: click.Group) -> None:
     @click.pass_context
     def serve_va(ctx: click.Context, bind: str, workers: int, timeout: int) -> None:
         """Run the validation authority (OCSP, CRLs, CA certificates) under gunicorn."""
-        rt = _runtime(ctx)
+        rt = _runtime(ctx).use_process("va")
         if not rt.db.has_schema():
             raise PKIError(ErrorKind.CONFIG, "the database has no schema: run 'pki db upgrade'")
         env = dict(os.environ)
