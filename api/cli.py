@@ -17,11 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
 from api import cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
+from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
 from pki.errors import ErrorKind, PKIError
 from pki.issuer import IssuanceHook, Issued
+from pki.refusal import RefusalRecorder
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, audit, session_scope
 from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
@@ -143,10 +145,6 @@ def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
 @main.group()
 def ceremony() -> None:
     """Key ceremonies: keys are generated inside the token, never outside it."""
-
-
-def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'operator')}"
 
 
 def _ceremony_root(rt: Runtime, path: Path, *, reuse: bool = False) -> None:
@@ -539,6 +537,15 @@ def audit_list(ctx: click.Context, last: int) -> None:
                 f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {ev.actor:<20} {ev.action:<22} "
                 f"{ev.target} {ev.details}"
             )
+
+
+@audit_group.command("flush")
+@click.pass_context
+def audit_flush(ctx: click.Context) -> None:
+    """Write the counts of refused requests of finished minutes to the audit log."""
+    rt = _runtime(ctx)
+    written = RefusalRecorder(rt.db, rt.clock).flush()
+    click.echo(f"{written} refusal counts written")
 
 
 cli_enroll.register(main)
