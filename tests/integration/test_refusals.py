@@ -50,8 +50,10 @@ class Front:
 @pytest.fixture
 def front(dev_ca: DevCA) -> Front:
     runtime = Runtime.open(dev_ca.config_dir, dev_ca.data_dir, environ=dev_ca.env)
-    # Mid-minute, so the whole flood falls in one minute of the recorder's clock.
-    now = datetime.datetime.now(datetime.UTC).replace(second=10, microsecond=0)
+    # Mid-minute, so the whole flood falls in one minute of the recorder's clock, and in
+    # the past, so that even the minute after it is not later than a checkpoint signed now.
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=2)
+    now = now.replace(second=10, microsecond=0)
     runtime.clock = clock = FixedClock(now)
     return Front(runtime, clock, create_ca_app(runtime).test_client())
 
@@ -75,6 +77,7 @@ class TestRefusalAudit:
         assert [e.action for e in events] == ["refused.login", "refused.login.repeated"]
         assert f'"count":{flood}' in events[1].details
         assert '"source":"127.0.0.7"' in events[1].details
+        dev_ca.pki("audit", "checkpoint")
         verified = dev_ca.pki("audit", "verify")
         assert "audit log intact" in verified.stdout
 

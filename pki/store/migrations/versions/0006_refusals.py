@@ -1,14 +1,14 @@
 """refusals: refused requests counted per key and minute before they reach the audit log
 
-Revision ID: 0005_refusals
-Revises: 0004
+Revision ID: 0006_refusals
+Revises: 0005_audit_checkpoints
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_refusals"
-down_revision = "0004"
+revision = "0006_refusals"
+down_revision = "0005_audit_checkpoints"
 branch_labels = None
 depends_on = None
 
