@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from cryptography.hazmat.primitives import serialization
 
+from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
@@ -37,10 +38,6 @@ def _is_root(rt: Runtime, issuer_id: str) -> bool:
     """Says whether ca.toml names the issuer as a root (no parent)."""
     cfg = rt.config.ca.issuers.get(issuer_id)
     return cfg is not None and cfg.parent is None
-
-
-def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'operator')}"
 
 
 def _presigner(rt: Runtime) -> OCSPPresigner:
