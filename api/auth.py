@@ -65,12 +65,16 @@ def client_identity(
     basic = basic_credentials(environ.get("HTTP_AUTHORIZATION"))
     header_key = "HTTP_" + proxy_cert_header.upper().replace("-", "_")
     forwarded = environ.get(header_key)
-    if _from_proxy(environ.get("REMOTE_ADDR"), proxies):
+    remote = str(environ.get("REMOTE_ADDR") or "")
+    if _from_proxy(remote, proxies):
         # The proxy terminated TLS; its own connection's certificate means nothing here.
+        address = _forwarded_for(environ.get("HTTP_X_FORWARDED_FOR")) or remote
         if forwarded:
             der = parse_forwarded_cert(str(forwarded))
-            return ClientIdentity(basic=basic, tls_chain_der=(der,), source="proxy")
-        return ClientIdentity(basic=basic)
+            return ClientIdentity(
+                basic=basic, tls_chain_der=(der,), source="proxy", address=address
+            )
+        return ClientIdentity(basic=basic, address=address)
     if forwarded:
         log.warning(
             "ignored %s header from %s: not a trusted proxy",
@@ -81,5 +85,16 @@ def client_identity(
     leaf = environ.get(SSL_CLIENT_CERT)
     if leaf:
         ders = tuple(c for c in chain if isinstance(c, bytes)) or (leaf,)
-        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls")
-    return ClientIdentity(basic=basic)
+        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls", address=remote)
+    return ClientIdentity(basic=basic, address=remote)
+
+
+def _forwarded_for(header: object) -> str | None:
+    # The trusted proxy appends the address it saw; entries before it are the client's word.
+    if not header:
+        return None
+    last = str(header).rsplit(",", 1)[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last))
+    except ValueError:
+        return None

@@ -21,6 +21,9 @@ STATUS = {
 }
 
 
+BASIC_CHALLENGE = 'Basic realm="est", charset="UTF-8"'
+
+
 def status_for(error: PKIError) -> int:
     """Returns the HTTP status for a domain error."""
     return STATUS[error.kind]
@@ -37,7 +40,7 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
         response = jsonify({"error": error.kind.value, "message": message})
         response.status_code = status
     if status == 401:
-        response.headers["WWW-Authenticate"] = 'Basic realm="est", charset="UTF-8"'
+        response.headers["WWW-Authenticate"] = BASIC_CHALLENGE
     if status == 503:
         response.headers["Retry-After"] = "30"
     return response

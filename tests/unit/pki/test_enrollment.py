@@ -38,6 +38,19 @@ class _Issuers:
         return self.by_id[issuer_id]
 
 
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _manufacturer(name: str = "Acme Manufacturing CA") -> tuple[x509.Certificate, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -51,6 +64,7 @@ def _manufacturer(name: str = "Acme Manufacturing CA") -> tuple[x509.Certificate
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .sign(key, hashes.SHA256())
     )
     return cert, key
@@ -83,6 +97,7 @@ def _est(h: Hierarchy, **changes: Any) -> ESTConfig:
         "profile": "device",
         "auth": ["idevid", "reenroll"],
         "manufacturer_anchors": ["acme.pem"],
+        "idevid_auto_register": True,
     }
     base.update(changes)
     return ESTConfig.model_validate(base)
