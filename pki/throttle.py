@@ -43,40 +43,32 @@ class LoginThrottle:
 
     def fail(self, device_key: str, address: str, now: datetime.datetime) -> None:
         """Counts one failure for the address and for (device ID, address)."""
+        counters = (
+            (ANY_DEVICE, self.max_address_failures, "login.throttled"),
+            (device_key, self.max_failures, "device.locked"),
+        )
         with session_scope(self.db) as session:
             repo = AuthFailureRepository(session)
-            per_address = repo.add(
-                ANY_DEVICE, address, now, limit=self.max_address_failures, window=self.window
-            )
-            if per_address.failures == self.max_address_failures:
-                audit.append(
-                    session,
-                    at=now,
-                    actor=f"address:{address}",
-                    action="login.throttled",
-                    target=address,
-                    details={"failures": per_address.failures, "until": _iso(per_address)},
-                )
-            if per_address.locked_until is not None and per_address.locked_until > now:
-                # A throttled address adds no per-device rows: a flood of made-up IDs from
-                # one address cannot grow the table without bound.
-                return
-            per_device = repo.add(
-                device_key, address, now, limit=self.max_failures, window=self.window
-            )
-            if per_device.failures == self.max_failures:
-                audit.append(
-                    session,
-                    at=now,
-                    actor=f"address:{address}",
-                    action="device.locked",
-                    target=device_key,
-                    details={
-                        "address": address,
-                        "failures": per_device.failures,
-                        "locked_until": _iso(per_device),
-                    },
-                )
+            for key, limit, action in counters:
+                count = repo.add(key, address, now, limit=limit, window=self.window)
+                if count.failures == limit:
+                    audit.append(
+                        session,
+                        at=now,
+                        actor=f"address:{address}",
+                        action=action,
+                        target=key or address,
+                        details={
+                            "address": address,
+                            "failures": count.failures,
+                            "locked_until": _iso(count),
+                        },
+                    )
+                locked = count.locked_until is not None and count.locked_until > now
+                if key == ANY_DEVICE and locked:
+                    # A throttled address adds no per-device rows: a flood of made-up IDs
+                    # from one address cannot grow the table without bound.
+                    return
 
 
 def _iso(count: FailureCount) -> str | None:

@@ -14,7 +14,6 @@ import pytest
 from sqlalchemy import event, func, select
 
 import pki.device
-
 from pki.clock import FixedClock
 from pki.device import (
     BAD_SECRET,

@@ -308,6 +308,23 @@ class TestReenroll:
         assert renewed.method == "reenroll"
         assert _status(hierarchy.db, first.serial_hex) == (CertificateStatus.REVOKED, "superseded")
 
+    def test_reenroll_with_superseded_certificate_forbidden(
+        self, make_service: Callable[..., EnrollmentService], hierarchy: Hierarchy
+    ) -> None:
+        # Within the grace period the superseded certificate is still unrevoked, but only the
+        # current one re-enrolls.
+        service = make_service(supersede_grace_seconds=3600)
+        first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
+        csr, _ = device_csr("DEV-1")
+        current = service.reenroll(der(csr), None, _tls(first.cert_der))
+        assert _status(hierarchy.db, first.serial_hex)[0] is CertificateStatus.ISSUED
+        before = _certs(hierarchy.db)
+        with pytest.raises(PKIError) as e:
+            service.reenroll(der(csr), None, _tls(first.cert_der))
+        assert e.value.kind is ErrorKind.FORBIDDEN and "superseded" in e.value.message
+        assert _certs(hierarchy.db) == before
+        assert service.reenroll(der(csr), None, _tls(current.cert_der)).device_id == "DEV-1"
+
     def test_reenroll_with_revoked_certificate_forbidden(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
