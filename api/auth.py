@@ -55,6 +55,21 @@ def _from_proxy(remote_addr: str | None, proxies: ProxyNetworks) -> bool:
     return any(address in network for network in proxies)
 
 
+def client_address(environ: Mapping[str, Any], proxies: ProxyNetworks = ()) -> str:
+    """Returns the client's address: the peer's, or the one a trusted proxy forwarded."""
+    remote = str(environ.get("REMOTE_ADDR") or "unknown")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if forwarded and _from_proxy(remote, proxies):
+        # The rightmost entry is the one our proxy appended; those left of it are the
+        # client's own claims.
+        last = str(forwarded).rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return remote
+    return remote
+
+
 def client_identity(
     environ: Mapping[str, Any],
     *,
@@ -63,12 +78,11 @@ def client_identity(
 ) -> ClientIdentity:
     """Builds the ClientIdentity of a WSGI request from its headers and TLS peer chain."""
     basic = basic_credentials(environ.get("HTTP_AUTHORIZATION"))
+    address = client_address(environ, proxies)
     header_key = "HTTP_" + proxy_cert_header.upper().replace("-", "_")
     forwarded = environ.get(header_key)
-    remote = str(environ.get("REMOTE_ADDR") or "")
-    if _from_proxy(remote, proxies):
+    if _from_proxy(environ.get("REMOTE_ADDR"), proxies):
         # The proxy terminated TLS; its own connection's certificate means nothing here.
-        address = _forwarded_for(environ.get("HTTP_X_FORWARDED_FOR")) or remote
         if forwarded:
             der = parse_forwarded_cert(str(forwarded))
             return ClientIdentity(
@@ -85,16 +99,5 @@ def client_identity(
     leaf = environ.get(SSL_CLIENT_CERT)
     if leaf:
         ders = tuple(c for c in chain if isinstance(c, bytes)) or (leaf,)
-        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls", address=remote)
-    return ClientIdentity(basic=basic, address=remote)
-
-
-def _forwarded_for(header: object) -> str | None:
-    # The trusted proxy appends the address it saw; entries before it are the client's word.
-    if not header:
-        return None
-    last = str(header).rsplit(",", 1)[-1].strip()
-    try:
-        return str(ipaddress.ip_address(last))
-    except ValueError:
-        return None
+        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls", address=address)
+    return ClientIdentity(basic=basic, address=address)

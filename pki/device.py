@@ -490,7 +490,15 @@ class DeviceService:
             _burn_time(secret)
         if login is None or match is None or locked or len(secret) > MAX_SECRET_LENGTH:
             self.throttle.fail(key, address, now)
-            raise unauthorized(BAD_SECRET)
+            # The caller sees BAD_SECRET only; the refusal audit keeps which failure it was.
+            reason = (
+                "throttled"
+                if locked
+                else "unknown device"
+                if login is None
+                else "wrong, used or expired secret"
+            )
+            raise PKIError(ErrorKind.UNAUTHORIZED, BAD_SECRET, detail=reason)
         if login.state not in ENROLLABLE:
             raise forbidden(f"device {device_id} is {login.state.value}: it cannot enroll")
         return Authenticated(device_id, match)

@@ -7,14 +7,12 @@ base64 of the body before the domain sees anything (DESIGN.md invariant 6); the 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, request
 from werkzeug.exceptions import ClientDisconnected
 
-from api import errors
 from api.auth import client_identity
 from api.est import wire
 from pki.enrollment import ApprovalPending, Enrolled, EnrollmentService, KeyGenerated
@@ -22,8 +20,6 @@ from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig
 from pki.identity import ClientIdentity
 from pki.serverkeygen import pkcs8_der
-
-log = logging.getLogger(__name__)
 
 PREFIX = "/.well-known/est"
 
@@ -57,17 +53,6 @@ def _require_credentials(identity: ClientIdentity) -> None:
     # RFC 7030 3.2.3: without any credentials, answer 401 with WWW-Authenticate at once.
     if identity.basic is None and not identity.has_certificate:
         raise PKIError(ErrorKind.UNAUTHORIZED, "authentication required")
-
-
-def _unauthorized(error: PKIError) -> Response:
-    """Answers every failed login alike: 401, the Basic challenge, an empty body."""
-    # RFC 7030 clients send credentials only after the challenge, and some abort on a 401
-    # that carries a body; and which failure it was (unknown device, wrong or used secret,
-    # lock-out) must not show. The reason goes to the log only.
-    log.info("EST 401 for %s: %s", request.remote_addr, error.message)
-    response = Response(b"", status=401, mimetype="text/plain")
-    response.headers["WWW-Authenticate"] = errors.BASIC_CHALLENGE
-    return response
 
 
 def _base64(der: bytes) -> bytes:
@@ -109,12 +94,6 @@ def _keygen(result: KeyGenerated) -> Response:
 def create_blueprint(service: EnrollmentService, est: ESTConfig) -> Blueprint:
     """Builds the EST blueprint over an enrollment service. See RFC 7030 3.2.2."""
     bp = Blueprint("est", __name__, url_prefix=PREFIX)
-
-    @bp.errorhandler(PKIError)
-    def _error(error: PKIError) -> Response:
-        if errors.status_for(error) == 401:
-            return _unauthorized(error)
-        return errors.error_response(error, plain=True)
 
     @bp.after_request
     def _close_after_oversize(response: Response) -> Response:

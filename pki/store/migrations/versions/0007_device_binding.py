@@ -1,7 +1,7 @@
 """device bindings and login throttling per (device, address)
 
-Revision ID: 0005_device_binding
-Revises: 0004
+Revision ID: 0007_device_binding
+Revises: 0006_refusals
 
 `device_bindings` records how each device may enroll (one-time secret, or one
 manufacturer's IDevID, bound on first use). Devices that were ever given a secret are bound
@@ -13,8 +13,8 @@ source address and per (device ID, source address); the old counters are transie
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_device_binding"
-down_revision = "0004"
+revision = "0007_device_binding"
+down_revision = "0006_refusals"
 branch_labels = None
 depends_on = None
 
