@@ -1,7 +1,7 @@
 """crl marker: a per-issuer revocation counter, recorded on each revocation event and CRL
 
-Revision ID: 0007_crl_marker
-Revises: 0006_refusals
+Revision ID: 0008_crl_marker
+Revises: 0007_device_binding
 
 Every transaction that changes a certificate's revocation state advances its issuer's
 `revocation_marker` and writes the new value on its events; a CRL records the marker it read
@@ -12,8 +12,8 @@ first publication after the upgrade is due at once and establishes a marker.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_crl_marker"
-down_revision = "0006_refusals"
+revision = "0008_crl_marker"
+down_revision = "0007_device_binding"
 branch_labels = None
 depends_on = None
 
