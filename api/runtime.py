@@ -229,6 +229,8 @@ class Runtime:
     def online_issuer(self, issuer_id: str) -> Issuer | None:
         """Opens an issuer whose key is in this process's token; None when it is not there
         (an offline root, whose CRL is signed in a ceremony and imported)."""
+        if not self.may_open(self.config.ca.issuer_token(issuer_id)):
+            return None
         try:
             return self.issuer(issuer_id)
         except hsm.HSMError as e:
