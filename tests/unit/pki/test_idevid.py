@@ -210,6 +210,16 @@ class TestBinding:
         assert "another manufacturer certificate" in message
         assert _ocsp(hierarchy, genuine) is ocsp.OCSPCertStatus.GOOD
 
+    def test_csv_import_binds_every_new_device(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        acme = sha256_hex(ACME[0])
+        text = f"id,model,manufacturer\nCSV-1,m,\nCSV-2,m,{acme}\n"
+        assert service.devices.import_csv(text, actor="t").added == 2
+        assert "one-time secret" in _refused(service, "CSV-1", _tls(_idevid(ACME, "CSV-1")))
+        assert "another manufacturer" in _refused(service, "CSV-2", _tls(_idevid(OTHER, "CSV-2")))
+        assert _enroll(service, "CSV-2", _tls(_idevid(ACME, "CSV-2"))).method == "idevid"
+
     def test_no_secret_for_an_idevid_device(self, service: EnrollmentService) -> None:
         service.devices.add("ACME-6", manufacturer=sha256_hex(ACME[0]), actor="t")
         with pytest.raises(PKIError) as e:
