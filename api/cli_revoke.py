@@ -14,7 +14,7 @@ from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
-from pki.crl_publisher import CRLPublisher
+from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
 from pki.ocsp_responder import OCSPPresigner, SignerSet
 from pki.revocation import RevocationService, parse_reason
@@ -211,16 +211,21 @@ def register(group: click.Group) -> None:
                     click.echo(f"{issuer_id}: not due")
                     continue
                 why = found
-                click.echo(f"{issuer_id}: due ({why})", err=True)
             issuer = rt.online_issuer(issuer_id)
             if issuer is None:
-                # An offline root signs its CRL in a ceremony; the file is imported here.
-                click.echo(
-                    f"{issuer_id}: CRL due ({why}) but the issuer key is not in this token: "
-                    f"sign it where the key is and import it (pki crl import)",
-                    err=True,
-                )
+                # An offline root signs its CRL in a ceremony, and the file is imported here.
+                hint = "the issuer key is not in this token: sign it where the key is and import it"
+                if not if_due:
+                    raise PKIError(ErrorKind.NOT_FOUND, f"{issuer_id}: {hint} (pki crl import)")
+                if why == PERIOD_ELAPSED:
+                    # The period paces CRLs signed here; an imported one is due only before
+                    # its nextUpdate or after a revocation.
+                    click.echo(f"{issuer_id}: not due (key offline, CRL imported)")
+                    continue
+                click.echo(f"{issuer_id}: CRL due ({why}) but {hint} (pki crl import)", err=True)
                 continue
+            if if_due:
+                click.echo(f"{issuer_id}: due ({why})", err=True)
             published = publisher.publish(issuer, delta=delta)
             for crl in (published, published.delta):
                 if crl is None:
