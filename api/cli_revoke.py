@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
 from pki.crl_publisher import CRLPublisher
 from pki.errors import ErrorKind, PKIError
+from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
 from pki.revocation import RevocationService, parse_reason
 from pki.serial import parse_serial, serial_hex
@@ -171,19 +173,26 @@ def register(group: click.Group) -> None:
             i for i, c in rt.config.ca.issuers.items() if c.parent is not None
         ]
         publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, rt.crl_config())
+        jobs = Jobs(rt.db, rt.clock)
+        when_due = (
+            (datetime.timedelta(minutes=period_minutes), datetime.timedelta(seconds=delay_seconds))
+            if if_due
+            else None
+        )
         for issuer_id in targets:
-            if if_due:
-                why = publisher.due(
-                    issuer_id,
-                    delta=delta,
-                    period=datetime.timedelta(minutes=period_minutes),
-                    delay=datetime.timedelta(seconds=delay_seconds),
-                )
-                if why is None:
-                    click.echo(f"{issuer_id}: not due")
-                    continue
-                click.echo(f"{issuer_id}: due ({why})", err=True)
-            published = publisher.publish(rt.issuer(issuer_id), delta=delta)
+            job = jobs.crl(
+                publisher,
+                issuer_id,
+                functools.partial(rt.issuer, issuer_id),
+                delta=delta,
+                when_due=when_due,
+            )
+            published = job.published
+            if published is None:
+                click.echo(f"{issuer_id}: {job.why}")
+                continue
+            if job.why is not None:
+                click.echo(f"{issuer_id}: due ({job.why})", err=True)
             kind = f"delta CRL (base {published.base_number})" if delta else "CRL"
             click.echo(
                 f"{issuer_id}: {kind} number {published.crl_number}, "
@@ -204,7 +213,7 @@ def register(group: click.Group) -> None:
     def ocsp_presign(ctx: click.Context, issuer_id: str | None) -> None:
         """Sign a response for every issued, unexpired certificate that lacks a fresh one."""
         rt = _runtime(ctx)
-        result = _presigner(rt).run(issuer_id)
+        result = Jobs(rt.db, rt.clock).presign(_presigner(rt), issuer_id)
         for iid, count in sorted(result.signed.items()):
             click.echo(f"{iid}: {count} responses signed")
         for iid, why in sorted(result.skipped.items()):
@@ -243,7 +252,7 @@ def register(group: click.Group) -> None:
         targets = list(issuer_ids) or [
             i for i, c in rt.config.ca.issuers.items() if c.ocsp_signer_key_label
         ]
-        now = rt.clock.now()
+        jobs = Jobs(rt.db, rt.clock)
         for issuer_id in targets:
             cfg = rt.config.ca.issuers.get(issuer_id)
             if cfg is None or not cfg.ocsp_signer_key_label:
@@ -251,17 +260,23 @@ def register(group: click.Group) -> None:
                     ErrorKind.CONFIG,
                     f"ca.toml: issuers.{issuer_id}.ocsp_signer_key_label is not set",
                 )
-            with session_scope(rt.db) as session:
-                not_after = CertificateStateReader(session).signer_not_after(issuer_id)
-            if not force and not_after is not None and not_after - now > margin:
-                click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
-                continue
-            label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
-            key = rt.generate_key(label, key_type, actor=_actor())
-            issuer = rt.issuer(issuer_id)
-            issued = CeremonyService(rt.issuance()).ocsp_signer(
-                issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
-            )
+            # Checked under the job's lock: a second scheduler sees the first one's signer.
+            with jobs.exclusive(f"renew-signer:{issuer_id}") as held:
+                if not held:
+                    click.echo(f"{issuer_id}: {BUSY}")
+                    continue
+                now = rt.clock.now()
+                with session_scope(rt.db) as session:
+                    not_after = CertificateStateReader(session).signer_not_after(issuer_id)
+                if not force and not_after is not None and not_after - now > margin:
+                    click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
+                    continue
+                label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
+                key = rt.generate_key(label, key_type, actor=_actor())
+                issuer = rt.issuer(issuer_id)
+                issued = CeremonyService(rt.issuance()).ocsp_signer(
+                    issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
+                )
             out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))
