@@ -58,16 +58,20 @@ class Jobs:
         when_due: tuple[datetime.timedelta, datetime.timedelta] | None = None,
     ) -> CRLJob:
         """Publishes an issuer's next full or delta CRL; with when_due (period, delay), only
-        when CRLPublisher.due says it is due. The issuer's key is opened only to sign."""
+        when CRLPublisher.due says it is due. The issuer's key is opened only to sign.
+
+        Only the scheduled form (when_due) takes the job lock: a publication asked for by hand
+        happens at once, beside any scheduler; CRL numbers stay unique and increasing through
+        the number index either way."""
+        if when_due is None:
+            return CRLJob(issuer_id, delta, publisher.publish(open_issuer(), delta=delta))
         with self.exclusive(f"{'crl-delta' if delta else 'crl'}:{issuer_id}") as held:
             if not held:
                 return CRLJob(issuer_id, delta, why=BUSY)
-            why = None
-            if when_due is not None:
-                period, delay = when_due
-                why = publisher.due(issuer_id, delta=delta, period=period, delay=delay)
-                if why is None:
-                    return CRLJob(issuer_id, delta, why="not due")
+            period, delay = when_due
+            why = publisher.due(issuer_id, delta=delta, period=period, delay=delay)
+            if why is None:
+                return CRLJob(issuer_id, delta, why="not due")
             return CRLJob(issuer_id, delta, publisher.publish(open_issuer(), delta=delta), why)
 
     def presign(self, presigner: OCSPPresigner, issuer_id: str | None = None) -> PresignResult:
