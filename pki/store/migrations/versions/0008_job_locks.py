@@ -1,7 +1,7 @@
 """job locks: the lock rows that let one of several schedulers run a job on SQLite
 
-Revision ID: 0005_job_locks
-Revises: 0004
+Revision ID: 0008_job_locks
+Revises: 0007_device_binding
 
 PostgreSQL schedulers use advisory locks instead; the table exists there too, unused, so the
 schema is the same on both.
@@ -10,8 +10,8 @@ schema is the same on both.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005_job_locks"
-down_revision = "0004"
+revision = "0008_job_locks"
+down_revision = "0007_device_binding"
 branch_labels = None
 depends_on = None
 
