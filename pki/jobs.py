@@ -31,6 +31,7 @@ class CRLJob:
     is_delta: bool
     published: PublishedCRL | None = None
     why: str | None = None  # why it was due, or why nothing was published
+    offline: bool = False  # due, but the issuer's key is not in this token (an offline root)
 
 
 class Jobs:
@@ -52,19 +53,20 @@ class Jobs:
         self,
         publisher: CRLPublisher,
         issuer_id: str,
-        open_issuer: Callable[[], Issuer],
+        open_issuer: Callable[[], Issuer | None],
         *,
         delta: bool,
         when_due: tuple[datetime.timedelta, datetime.timedelta] | None = None,
     ) -> CRLJob:
         """Publishes an issuer's next full or delta CRL; with when_due (period, delay), only
-        when CRLPublisher.due says it is due. The issuer's key is opened only to sign.
+        when CRLPublisher.due says it is due. The issuer's key is opened only to sign;
+        open_issuer returns None for an issuer whose key is elsewhere (offline).
 
         Only the scheduled form (when_due) takes the job lock: a publication asked for by hand
         happens at once, beside any scheduler; CRL numbers stay unique and increasing through
         the number index either way."""
         if when_due is None:
-            return CRLJob(issuer_id, delta, publisher.publish(open_issuer(), delta=delta))
+            return self._publish(publisher, issuer_id, open_issuer, delta=delta, why=None)
         with self.exclusive(f"{'crl-delta' if delta else 'crl'}:{issuer_id}") as held:
             if not held:
                 return CRLJob(issuer_id, delta, why=BUSY)
@@ -72,7 +74,21 @@ class Jobs:
             why = publisher.due(issuer_id, delta=delta, period=period, delay=delay)
             if why is None:
                 return CRLJob(issuer_id, delta, why="not due")
-            return CRLJob(issuer_id, delta, publisher.publish(open_issuer(), delta=delta), why)
+            return self._publish(publisher, issuer_id, open_issuer, delta=delta, why=why)
+
+    @staticmethod
+    def _publish(
+        publisher: CRLPublisher,
+        issuer_id: str,
+        open_issuer: Callable[[], Issuer | None],
+        *,
+        delta: bool,
+        why: str | None,
+    ) -> CRLJob:
+        issuer = open_issuer()
+        if issuer is None:
+            return CRLJob(issuer_id, delta, why=why, offline=True)
+        return CRLJob(issuer_id, delta, publisher.publish(issuer, delta=delta), why)
 
     def presign(self, presigner: OCSPPresigner, issuer_id: str | None = None) -> PresignResult:
         """Pre-signs the responses of one or every issuer, each issuer under its job lock."""

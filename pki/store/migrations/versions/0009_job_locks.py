@@ -1,7 +1,7 @@
 """job locks: the lock rows that let one of several schedulers run a job on SQLite
 
-Revision ID: 0008_job_locks
-Revises: 0007_device_binding
+Revision ID: 0009_job_locks
+Revises: 0008_crl_marker
 
 PostgreSQL schedulers use advisory locks instead; the table exists there too, unused, so the
 schema is the same on both.
@@ -10,8 +10,8 @@ schema is the same on both.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_job_locks"
-down_revision = "0007_device_binding"
+revision = "0009_job_locks"
+down_revision = "0008_crl_marker"
 branch_labels = None
 depends_on = None
 
