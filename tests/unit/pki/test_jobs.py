@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from cryptography import x509
+from sqlalchemy import func, select
 
 from pki.crl_publisher import CRLPublisher
 from pki.jobs import BUSY, Jobs
@@ -17,7 +18,7 @@ from pki.revocation import RevocationService
 from pki.serial import serial_hex
 from pki.store import Database, session_scope
 from pki.store.job_lock import JobLocks
-from pki.store.revocation_models import CRLRepository, OCSPResponseRepository
+from pki.store.revocation_models import CRLRecord, CRLRepository, OCSPResponseRepository
 from tests.unit.pki.conftest import Hierarchy
 from tests.unit.pki.test_revocation_support import (
     MovableClock,
@@ -124,7 +125,11 @@ class TestCRLJob:
         assert outcomes["published"] + outcomes["not due"] + outcomes[BUSY] == SCHEDULERS * rounds
         with session_scope(h.db) as s:
             numbers = CRLRepository(s).numbers("devices")
-        assert numbers == sorted(numbers) and len(numbers) == rounds
+            full = s.execute(
+                select(func.count()).select_from(CRLRecord).where(CRLRecord.is_delta.is_(False))
+            ).scalar_one()
+        assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+        assert full == rounds  # each with its delta CRL when deltas are on
 
 
 class TestPresignJob:
