@@ -349,6 +349,12 @@ class DeviceService:
             failure = AuthFailureRepository(session).find(device_id)
             return _info(device, failure, active[0] if active else None)
 
+    def find(self, device_id: str) -> DeviceInfo | None:
+        """Returns a registered device, or None: one read, no secrets or failure counts."""
+        with self.db.read_session() as session:
+            device = DeviceRepository(session).find(device_id)
+            return None if device is None else _info(device, None, None)
+
     def list(
         self,
         *,

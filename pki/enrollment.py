@@ -35,6 +35,7 @@ from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
 from pki.issuer import IssuanceService, Issuer
+from pki.naming import DeviceRecord, first_difference, named_request
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
 from pki.serverkeygen import ServerGeneratedKey
@@ -178,16 +179,18 @@ class EnrollmentService:
             raise forbidden(f"label {name} does not allow re-enrollment")
         record_serial, device_id, current = self._our_current_certificate(cfg, identity)
         csr = load_csr(csr_der)
-        request = self._request_for(csr, cfg, device_id)
+        profile = self.config.profile(cfg.profile)
+        asked = self._checked_csr(csr, profile, device_id)
         # RFC 7030 4.2.2: "The Subject field and SubjectAltName extension MUST be identical
-        # to the corresponding fields in the certificate being renewed/rekeyed."
-        if request.subject != current.subject:
+        # to the corresponding fields in the certificate being renewed/rekeyed." The CA
+        # writes both, so a CSR may leave names out, but it never asks for other ones.
+        problem = first_difference(asked, current.subject, tuple(_sans(current)))
+        if problem is not None:
             raise forbidden(
-                f"CSR subject {subject_text(request.subject)} differs from the current "
-                f"certificate's {subject_text(current.subject)}"
+                f"the CSR differs from the current certificate "
+                f"({subject_text(current.subject)}): {problem}"
             )
-        if set(request.sans) != _sans(current):
-            raise forbidden("CSR subjectAltName differs from the current certificate's")
+        request = self._named(asked, profile, device_id)
         who = _Who(device_id=device_id, method="reenroll")
         enrolled = self._issue(name, cfg, who, request, csr_der)
         log.info("device %s re-enrolled, superseding %s", device_id, record_serial)
@@ -363,13 +366,32 @@ class EnrollmentService:
     def _request_for(
         self, csr: x509.CertificateSigningRequest, cfg: LabelConfig, device_id: str
     ) -> CertificateRequest:
-        request = check_request(csr, self.config.profile(cfg.profile))
+        profile = self.config.profile(cfg.profile)
+        return self._named(self._checked_csr(csr, profile, device_id), profile, device_id)
+
+    def _checked_csr(
+        self, csr: x509.CertificateSigningRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        request = check_request(csr, profile)
         if request.device_id != device_id:
             raise forbidden(
                 f"the CSR names device {request.device_id}, but the client authenticated "
                 f"as device {device_id}"
             )
         return request
+
+    def _named(
+        self, request: CertificateRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        # DESIGN.md invariant 3: the subject and SAN come from the registry record of the
+        # authenticated device; the CSR can only repeat them.
+        if profile.identity is None:
+            return request
+        found = self.devices.find(device_id)
+        record = DeviceRecord(device_id)
+        if found is not None:
+            record = DeviceRecord(device_id, found.model, found.batch)
+        return named_request(request, profile, record)
 
     def _recipient(self, identity: ClientIdentity, key_id: bytes) -> x509.Certificate:
         # RFC 7030 4.4.1.2: the AsymmetricDecryptKeyIdentifier names the client's key; the

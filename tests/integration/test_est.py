@@ -255,7 +255,7 @@ def _openssl_csr(work: Path, device_id: str, stem: str) -> tuple[Path, Path]:
     subprocess.run(
         [
             "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN=test device",
+            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN={device_id}",
             "-outform", "DER", "-out", str(csr_der),
         ],
         check=True,
