@@ -30,7 +30,7 @@ from pki import serverkeygen
 from pki.clock import Clock
 from pki.config import ConfigSet, ProfileConfig
 from pki.csr import CertificateRequest, check_request, load_csr, subject_text
-from pki.device import Authenticated, DeviceService, forbidden, unauthorized
+from pki.device import BAD_SECRET, Authenticated, DeviceService, forbidden, unauthorized
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
@@ -84,6 +84,35 @@ class ApprovalPending:
     approval_id: int
     device_id: str
     retry_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRequest:
+    """PendingRequest is a request waiting for approval: who asks for what, with which key."""
+
+    approval_id: int
+    device_id: str
+    label: str
+    operation: str
+    subject: str  # what the CSR asks for, RFC 4514
+    key_sha256: str  # SHA-256 of the CSR's SubjectPublicKeyInfo, hex
+    since: datetime.datetime
+
+
+def _pending_request(row: PendingApproval) -> PendingRequest:
+    csr = x509.load_der_x509_csr(row.csr_der)
+    spki = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PendingRequest(
+        approval_id=row.id,
+        device_id=row.device_id,
+        label=row.label,
+        operation=row.operation,
+        subject=subject_text(csr.subject),
+        key_sha256=hashlib.sha256(spki).hexdigest(),
+        since=row.created_at,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,32 +258,31 @@ class EnrollmentService:
 
     # --- approvals --------------------------------------------------------------------
 
-    def approve(self, device_id: str, *, actor: str) -> int:
-        """Approves every request of a device that waits for approval; returns how many."""
+    def approve(self, approval_id: int, *, actor: str) -> PendingRequest:
+        """Approves one waiting request by its ID; the client's next retry gets the certificate."""
         now = self.clock.now()
         with session_scope(self.db) as session:
-            rows = ApprovalRepository(session).by_state(ApprovalState.PENDING, device_id)
-            if not rows:
-                raise not_found(f"device {device_id} has no request waiting for approval")
-            for row in rows:
-                row.state = ApprovalState.APPROVED
-                row.decided_at = now
-                row.decided_by = actor
-                audit.append(
-                    session,
-                    at=now,
-                    actor=actor,
-                    action="enrollment.approved",
-                    target=device_id,
-                    details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
-                )
-            return len(rows)
+            row = ApprovalRepository(session).find_by_id(approval_id, for_update=True)
+            if row is None or row.state is not ApprovalState.PENDING:
+                raise not_found(f"no request {approval_id} waiting for approval")
+            row.state = ApprovalState.APPROVED
+            row.decided_at = now
+            row.decided_by = actor
+            audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="enrollment.approved",
+                target=row.device_id,
+                details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
+            )
+            return _pending_request(row)
 
-    def pending_approvals(self) -> list[tuple[int, str, str, str, datetime.datetime]]:
-        """Lists requests waiting for approval: (id, device, label, operation, since)."""
-        with session_scope(self.db) as session:
+    def pending_approvals(self) -> list[PendingRequest]:
+        """Lists requests waiting for approval, with what each asks for."""
+        with self.db.read_session() as session:
             rows = ApprovalRepository(session).by_state(ApprovalState.PENDING)
-            return [(r.id, r.device_id, r.label, r.operation, r.created_at) for r in rows]
+            return [_pending_request(r) for r in rows]
 
     # --- superseding ------------------------------------------------------------------
 
@@ -302,6 +330,7 @@ class EnrollmentService:
                 return _Who(device_id=device_id, method="idevid", register=True)
         if "basic" in cfg.auth and identity.basic is not None:
             auth = self.devices.authenticate(identity.basic.username, identity.basic.password)
+            self._check_secret_label(name, auth)
             return _Who(device_id=auth.device_id, method="basic", secret=auth)
         if identity.has_certificate and "idevid" in cfg.auth:
             raise forbidden(
@@ -310,6 +339,16 @@ class EnrollmentService:
         if "basic" in cfg.auth:
             raise unauthorized("authentication required: device ID and one-time secret")
         raise unauthorized(f"label {name} needs a client certificate")
+
+    def _check_secret_label(self, name: str, auth: Authenticated) -> None:
+        # A secret drawn for a label with manual approval must not buy a certificate on a
+        # label without it: a secret is valid on the labels it was drawn for, and one drawn
+        # before secrets had labels on the default label only.
+        labels = self.devices.secret_labels(auth.secret_id)
+        allowed = labels if labels is not None else (self.est.default_label,)
+        if name not in allowed:
+            # The answer of a wrong secret: on another label it is not a secret at all.
+            raise unauthorized(BAD_SECRET)
 
     def _idevid_device_id(
         self, name: str, cfg: LabelConfig, identity: ClientIdentity

@@ -57,10 +57,10 @@ class ESTFront:
         app.register_blueprint(create_blueprint(self.service, self.est))
         self.client: FlaskClient = app.test_client()
 
-    def register(self, device_id: str, **attrs: Any) -> str:
-        """Registers a device and draws its one-time secret."""
+    def register(self, device_id: str, labels: list[str] | None = None, **attrs: Any) -> str:
+        """Registers a device and draws its one-time secret (for `labels`, or the default)."""
         self.devices.add(device_id, actor="test", **attrs)
-        return self.devices.new_secret(device_id, actor="test").secret
+        return self.devices.new_secret(device_id, actor="test", labels=labels).secret
 
     def enroll(self, device_id: str, secret: str, csr_der: bytes, label: str = "") -> Any:
         """POSTs simpleenroll with HTTP Basic credentials."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 
 from pki import serverkeygen
 from pki.clock import FixedClock, SystemClock
+from pki.csr import subject_text
 from pki.device import DeviceService
 from pki.enrollment import ApprovalPending, Enrolled, EnrollmentService, KeyGenerated
 from pki.errors import ErrorKind, PKIError
@@ -380,7 +382,8 @@ class TestApproval:
     def test_manual_approval_then_issue(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
-        secret = _register(service, "DEV-1")
+        service.devices.add("DEV-1", actor="t")
+        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
         csr, _ = device_csr("DEV-1")
         before = _certs(hierarchy.db)
         first = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
@@ -389,7 +392,19 @@ class TestApproval:
         assert first.approval_id == again.approval_id
         assert first.retry_after == 60
         assert _certs(hierarchy.db) == before
-        assert service.approve("DEV-1", actor="t") == 1
+        (pending,) = service.pending_approvals()
+        assert (pending.approval_id, pending.device_id, pending.label) == (
+            first.approval_id,
+            "DEV-1",
+            "approval",
+        )
+        assert pending.subject == subject_text(csr.subject)
+        spki = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert pending.key_sha256 == hashlib.sha256(spki).hexdigest()
+        assert service.approve(first.approval_id, actor="t").device_id == "DEV-1"
+        assert service.pending_approvals() == []
         done = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
         assert isinstance(done, Enrolled)
         with session_scope(hierarchy.db) as s:
@@ -400,7 +415,59 @@ class TestApproval:
 
     def test_approve_without_pending_not_found(self, service: EnrollmentService) -> None:
         _register(service, "DEV-1")
-        assert _kind(lambda: service.approve("DEV-1", actor="t")) is ErrorKind.NOT_FOUND
+        assert _kind(lambda: service.approve(1, actor="t")) is ErrorKind.NOT_FOUND
+
+    def test_approval_is_per_request(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        service.devices.add("DEV-1", actor="t")
+        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
+        first_csr, _ = device_csr("DEV-1")
+        second_csr, _ = device_csr("DEV-1")
+        first = service.enroll(der(first_csr), "approval", _basic("DEV-1", secret))
+        second = service.enroll(der(second_csr), "approval", _basic("DEV-1", secret))
+        assert isinstance(first, ApprovalPending) and isinstance(second, ApprovalPending)
+        assert first.approval_id != second.approval_id
+        service.approve(second.approval_id, actor="t")
+        # The other request of the same device still waits.
+        assert isinstance(
+            service.enroll(der(first_csr), "approval", _basic("DEV-1", secret)), ApprovalPending
+        )
+        assert [p.approval_id for p in service.pending_approvals()] == [first.approval_id]
+        done = service.enroll(der(second_csr), "approval", _basic("DEV-1", secret))
+        assert isinstance(done, Enrolled)
+        assert done.certificate.public_key() == second_csr.public_key()
+        assert _kind(lambda: service.approve(second.approval_id, actor="t")) is (
+            ErrorKind.NOT_FOUND
+        )
+
+
+class TestSecretLabels:
+    def test_approval_secret_202_there_401_on_default(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        service.devices.add("DEV-1", actor="t")
+        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
+        csr, _ = device_csr("DEV-1")
+        before = _certs(hierarchy.db)
+        assert _kind(lambda: service.enroll(der(csr), None, _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert _kind(lambda: service.enroll(der(csr), "devices", _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert _certs(hierarchy.db) == before
+        assert isinstance(
+            service.enroll(der(csr), "approval", _basic("DEV-1", secret)), ApprovalPending
+        )
+
+    def test_default_secret_refused_on_approval_label(self, service: EnrollmentService) -> None:
+        secret = _register(service, "DEV-1")
+        csr, _ = device_csr("DEV-1")
+        assert _kind(lambda: service.enroll(der(csr), "approval", _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert isinstance(service.enroll(der(csr), None, _basic("DEV-1", secret)), Enrolled)
 
 
 class TestServerKeyGen:
