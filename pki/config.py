@@ -196,6 +196,17 @@ def _check_template(template: str) -> str:
 NameTemplate = Annotated[str, AfterValidator(_check_template)]
 
 
+def _check_name(value: str) -> str:
+    bad = forbidden_character(value)
+    if bad is not None:
+        raise ValueError(f"holds the control, format or bidi character {bad}")
+    return value
+
+
+# A name an operator writes (ceremony subjects): the character rules of every name.
+NameValue = Annotated[str, AfterValidator(_check_name)]
+
+
 class SANTemplate(_Strict):
     """SANTemplate is one subjectAltName entry the CA writes, e.g. a URI from the device ID."""
 
@@ -276,7 +287,7 @@ class CeremonyConfig(_Strict):
     issuer: str
     profile: str
     key_type: KeyType
-    subject: dict[SubjectAttribute, str]
+    subject: dict[SubjectAttribute, NameValue]
     validity_days: Annotated[int, Field(gt=0, le=36500)] | None = None
 
 

@@ -219,6 +219,10 @@ class EnrollmentService:
                 f"the CSR differs from the current certificate "
                 f"({subject_text(current.subject)}): {problem}"
             )
+        if profile.identity is not None:
+            # The names come from the registry, whatever the current certificate says: one
+            # issued before the CA wrote the names is renewed with the right ones.
+            asked = dataclasses.replace(asked, subject=x509.Name([]), sans=())
         request = self._named(asked, profile, device_id)
         who = _Who(device_id=device_id, method="reenroll")
         enrolled = self._issue(name, cfg, who, request, csr_der)

@@ -14,6 +14,7 @@ from cryptography import x509
 from pki.config import ProfileConfig, SANTemplate, template_fields
 from pki.csr import SUBJECT_OIDS, CertificateRequest, normalize_sans, normalize_subject
 from pki.errors import internal, policy
+from pki.issuer import describe_san
 
 _SAN_TYPES: dict[str, type[x509.DNSName | x509.UniformResourceIdentifier | x509.RFC822Name]] = {
     "dns": x509.DNSName,
@@ -90,7 +91,7 @@ def first_difference(
     for name in request.sans:
         if name not in sans:
             return (
-                f"subject alternative name {_describe(name)} is not one the CA writes "
+                f"subject alternative name {describe_san(name)} is not one the CA writes "
                 f"for this device"
             )
     return None
@@ -112,13 +113,3 @@ def expected_attributes(profile: ProfileConfig) -> list[x509.ObjectIdentifier]:
     if profile.identity is None:
         return [SUBJECT_OIDS[a] for a in SUBJECT_OIDS if a in profile.subject.required]
     return [SUBJECT_OIDS[a] for a in SUBJECT_OIDS if a in profile.identity.subject]
-
-
-def _describe(name: x509.GeneralName) -> str:
-    kind = {
-        x509.DNSName: "DNS",
-        x509.UniformResourceIdentifier: "URI",
-        x509.RFC822Name: "email",
-        x509.IPAddress: "IP",
-    }.get(type(name), type(name).__name__)
-    return f"{kind}:{str(name.value)[:80]!r}"

@@ -630,6 +630,10 @@ class TestApproval:
         assert "serialNumber=APP-0001" in pending[0] and "key-sha256:" in pending[0]
         wrong = front.ca.pki("enrollment", "approve", "APP-0001", check=False)
         assert wrong.returncode == 2, wrong.stderr
+        unknown = front.ca.pki(
+            "device", "secret", "APP-0001", "--stdout", "--label", "nope", check=False
+        )
+        assert unknown.returncode == 3 and "nope" in unknown.stderr, unknown.stderr
         front.ca.pki("enrollment", "approve", request_id)
         r = front.post(path, body, auth=("APP-0001", secret))
         assert r.status_code == 200, r.text

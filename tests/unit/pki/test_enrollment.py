@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from pki import serverkeygen
 from pki.clock import FixedClock, SystemClock
-from pki.csr import subject_text
+from pki.csr import check_request, load_csr, subject_text
 from pki.device import DeviceService
 from pki.enrollment import ApprovalPending, Enrolled, EnrollmentService, KeyGenerated
 from pki.errors import ErrorKind, PKIError
@@ -123,9 +123,9 @@ def _tls(cert_der: bytes) -> ClientIdentity:
     return ClientIdentity(tls_chain_der=(cert_der,), source="tls")
 
 
-def _register(service: EnrollmentService, device_id: str) -> str:
+def _register(service: EnrollmentService, device_id: str, labels: list[str] | None = None) -> str:
     service.devices.add(device_id, actor="t")
-    return service.devices.new_secret(device_id, actor="t").secret
+    return service.devices.new_secret(device_id, actor="t", labels=labels).secret
 
 
 def _certs(db: Database) -> int:
@@ -382,8 +382,7 @@ class TestApproval:
     def test_manual_approval_then_issue(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
-        service.devices.add("DEV-1", actor="t")
-        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
+        secret = _register(service, "DEV-1", labels=["approval"])
         csr, _ = device_csr("DEV-1")
         before = _certs(hierarchy.db)
         first = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
@@ -420,8 +419,7 @@ class TestApproval:
     def test_approval_is_per_request(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
-        service.devices.add("DEV-1", actor="t")
-        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
+        secret = _register(service, "DEV-1", labels=["approval"])
         first_csr, _ = device_csr("DEV-1")
         second_csr, _ = device_csr("DEV-1")
         first = service.enroll(der(first_csr), "approval", _basic("DEV-1", secret))
@@ -446,8 +444,7 @@ class TestSecretLabels:
     def test_approval_secret_202_there_401_on_default(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
-        service.devices.add("DEV-1", actor="t")
-        secret = service.devices.new_secret("DEV-1", actor="t", labels=["approval"]).secret
+        secret = _register(service, "DEV-1", labels=["approval"])
         csr, _ = device_csr("DEV-1")
         before = _certs(hierarchy.db)
         assert _kind(lambda: service.enroll(der(csr), None, _basic("DEV-1", secret))) is (
@@ -553,3 +550,23 @@ class TestConfig:
         with pytest.raises(PKIError) as e:
             load_est_config(hierarchy.config, path)
         assert "labels.x" in e.value.message and "manufacturer_anchors" in e.value.message
+
+
+class TestReenrollNames:
+    def test_reenroll_of_an_old_certificate_gets_the_derived_names(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        """A certificate issued with the CSR's own CN (before [identity]) renews with CN=ID."""
+        service.devices.add("DEV-1", actor="t")
+        profile = hierarchy.config.profile("device")
+        old_csr, _ = device_csr("DEV-1", extra=[x509.NameAttribute(NameOID.COMMON_NAME, "DEV-2")])
+        old = hierarchy.issuance.issue(
+            hierarchy.devices,
+            profile,
+            check_request(load_csr(der(old_csr)), profile),
+            actor="t",
+            on_recorded=lambda r: service.devices.record_enrollment(r, "DEV-1", None),
+        )
+        result = service.reenroll(der(old_csr), None, _tls(old.cert_der))
+        cn = result.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        assert [a.value for a in cn] == ["DEV-1"]

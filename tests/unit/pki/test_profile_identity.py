@@ -141,8 +141,8 @@ class TestDeviceName:
         [
             ([x509.NameAttribute(NameOID.COMMON_NAME, "DEV-2")], [], "CN"),
             ([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "M-2")], [], "OU"),
-            ([], [x509.UniformResourceIdentifier("urn:dev:b7:DEV-2")], "URI"),
-            ([], [x509.DNSName("dev-1.example")], "DNS"),
+            ([], [x509.UniformResourceIdentifier("urn:dev:b7:DEV-2")], "uri:"),
+            ([], [x509.DNSName("dev-1.example")], "dns:"),
         ],
     )
     def test_csr_asking_for_other_names_refused(
@@ -182,3 +182,16 @@ class TestCharacterRules:
         assert e.value.kind is ErrorKind.POLICY
         assert "subject attribute CN" in e.value.message
         assert f"U+{ord(bad):04X}" in e.value.message
+
+
+def test_ceremony_subject_with_bidi_character_is_a_config_error(tmp_path: Path) -> None:
+    config = ConfigSet(CONFIG_DIR)
+    path = tmp_path / "evil.toml"
+    path.write_text(
+        'issuer = "devices"\nprofile = "intermediate"\nkey_type = "ec-p256"\n\n'
+        '[subject]\nCN = "Example IoT \\u202eAC ecived"\n'
+    )
+    with pytest.raises(PKIError) as e:
+        config.ceremony(path)
+    assert e.value.kind is ErrorKind.CONFIG
+    assert "evil.toml: subject.CN" in e.value.message and "U+202E" in e.value.message
