@@ -15,12 +15,14 @@ from werkzeug.exceptions import HTTPException
 
 from api import admin, errors
 from api.est.views import create_blueprint
+from api.refusals import est_refusal_hook
 from api.runtime import Runtime
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
-from pki.est_config import ESTConfig, load_anchors, load_est_config
+from pki.est_config import ESTConfig, load_anchors, load_est_config, load_intermediates
 from pki.issuer import Issuer
+from pki.refusal import RefusalRecorder
 from pki.revocation import RevocationService
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ def device_service(runtime: Runtime, est: ESTConfig) -> DeviceService:
         runtime.clock,
         secret_lifetime=est.secret_lifetime,
         max_failures=est.max_failures,
+        max_address_failures=est.max_address_failures,
         lockout=est.lockout,
     )
 
@@ -85,6 +88,11 @@ def enrollment_service(
         devices=device_service(runtime, est),
         revocation=RevocationService(runtime.db, runtime.clock),
         anchors=anchors,
+        intermediates={
+            name: load_intermediates(est, name, runtime.data_dir)
+            for name, label in est.labels.items()
+            if label.manufacturer_intermediates
+        },
     )
 
 
@@ -102,7 +110,12 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
     if warm:
         _warm(issuers, sorted({label.issuer for label in est.labels.values()}))
 
-    errors.install(app, plain=True)
+    refusals = RefusalRecorder(runtime.db, runtime.clock)
+    errors.install(
+        app,
+        plain=True,
+        observe=est_refusal_hook(refusals, est.proxy_networks(), est.proxy_cert_header),
+    )
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response | HTTPException:

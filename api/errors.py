@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Flask, Response, jsonify
 
 from pki.errors import ErrorKind, PKIError
@@ -21,6 +23,9 @@ STATUS = {
 }
 
 
+BASIC_CHALLENGE = 'Basic realm="est", charset="UTF-8"'
+
+
 def status_for(error: PKIError) -> int:
     """Returns the HTTP status for a domain error."""
     return STATUS[error.kind]
@@ -31,23 +36,33 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
     status = status_for(error)
     # Internal and configuration errors say no more than that: details go to the log.
     message = error.message if status < 500 or status == 503 else "internal error"
-    if plain:
+    if plain and status == 401:
+        # EST: every failed login alike, the challenge and an empty body. RFC 7030 clients
+        # send credentials only after the challenge, and some abort on a 401 with a body;
+        # and which failure it was (unknown device, wrong or used secret, lock-out) must not
+        # show. The refusal audit keeps the reason.
+        response = Response(b"", status=status, mimetype="text/plain")
+    elif plain:
         response = Response(message + "\n", status=status, mimetype="text/plain")
     else:
         response = jsonify({"error": error.kind.value, "message": message})
         response.status_code = status
     if status == 401:
-        response.headers["WWW-Authenticate"] = 'Basic realm="est", charset="UTF-8"'
+        response.headers["WWW-Authenticate"] = BASIC_CHALLENGE
     if status == 503:
         response.headers["Retry-After"] = "30"
     return response
 
 
-def install(app: Flask, *, plain: bool = False) -> None:
-    """Maps PKIError to responses for every view of an app."""
+def install(
+    app: Flask, *, plain: bool = False, observe: Callable[[PKIError], None] | None = None
+) -> None:
+    """Maps PKIError to responses for every view of an app; `observe` sees each error first."""
 
     @app.errorhandler(PKIError)
     def _handle(error: PKIError) -> Response:
+        if observe is not None:
+            observe(error)
         if status_for(error) >= 500 and status_for(error) != 503:
             app.logger.error("request failed: %s", error.message)
         return error_response(error, plain=plain)

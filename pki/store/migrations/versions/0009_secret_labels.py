@@ -1,7 +1,7 @@
 """secret labels: the EST labels a one-time secret is valid on
 
-Revision ID: 0006_secret_labels
-Revises: 0005_audit_checkpoints
+Revision ID: 0009_secret_labels
+Revises: 0008_crl_marker
 
 NULL (secrets drawn before this revision) means the default label only.
 """
@@ -9,8 +9,8 @@ NULL (secrets drawn before this revision) means the default label only.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_secret_labels"
-down_revision = "0005_audit_checkpoints"
+revision = "0009_secret_labels"
+down_revision = "0008_crl_marker"
 branch_labels = None
 depends_on = None
 
