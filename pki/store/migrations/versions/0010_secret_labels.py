@@ -1,7 +1,7 @@
 """secret labels: the EST labels a one-time secret is valid on
 
-Revision ID: 0009_secret_labels
-Revises: 0008_crl_marker
+Revision ID: 0010_secret_labels
+Revises: 0009_job_locks
 
 NULL (secrets drawn before this revision) means the default label only.
 """
@@ -9,8 +9,8 @@ NULL (secrets drawn before this revision) means the default label only.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_secret_labels"
-down_revision = "0008_crl_marker"
+revision = "0010_secret_labels"
+down_revision = "0009_job_locks"
 branch_labels = None
 depends_on = None
 
