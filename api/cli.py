@@ -17,7 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
-from api import cli_audit, cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
+from api import (
+    cli_audit,
+    cli_broker,
+    cli_enroll,
+    cli_factory,
+    cli_offline,
+    cli_revoke,
+    cli_scheduler,
+)
 from api.cli_actor import actor as _actor
 from api.escape import escape
 from api.runtime import Runtime
@@ -33,6 +41,7 @@ from pki.csr import (
 )
 from pki.errors import ErrorKind, PKIError, bad_request
 from pki.issuer import IssuanceHook, Issued
+from pki.offline import intermediate_csr
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, session_scope
 from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
@@ -133,10 +142,31 @@ def db_upgrade(ctx: click.Context) -> None:
 # --- ceremonies -----------------------------------------------------------------------
 
 
+def require_current_schema(rt: Runtime) -> None:
+    """Refuses a ceremony before it makes a key when the database cannot record the result."""
+    if not rt.db.has_schema() or not rt.db.schema_is_current():
+        raise PKIError(
+            ErrorKind.CONFIG,
+            "the database schema is missing or not current: run 'pki db upgrade' first "
+            "(no key was generated)",
+        )
+
+
 def _generate(rt: Runtime, token: str, label: str, key_type: str, *, reuse: bool = False) -> Any:
+    require_current_schema(rt)
     if reuse:
         return rt.reuse_or_generate_key(label, key_type, token=token, actor=_actor())
-    return rt.generate_key(label, key_type, token=token, actor=_actor())
+    try:
+        return rt.generate_key(label, key_type, token=token, actor=_actor())
+    except hsm.HSMError as e:
+        if e.kind is hsm.HSMErrorKind.EXISTS:
+            # An interrupted ceremony left the key behind: reuse it knowingly, never a twin.
+            raise PKIError(
+                ErrorKind.CONFLICT,
+                f"{e}: an earlier ceremony stopped after making it; check the ceremony log "
+                "and run again with --resume to use that key",
+            ) from None
+        raise
 
 
 def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
@@ -225,20 +255,48 @@ def _ceremony_ocsp_signer(rt: Runtime, issuer_id: str, key_type: str) -> Issued:
     return issued
 
 
+RESUME = click.option(
+    "--resume", is_flag=True, help="Reuse the key an interrupted ceremony left in the token."
+)
+
+
 @ceremony.command("root")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@RESUME
 @click.pass_context
-def ceremony_root(ctx: click.Context, config: Path) -> None:
+def ceremony_root(ctx: click.Context, config: Path, resume: bool) -> None:
     """Generate the root key in the token and self-sign the root certificate."""
-    _ceremony_root(_runtime(ctx), config)
+    _ceremony_root(_runtime(ctx), config, reuse=resume)
 
 
 @ceremony.command("intermediate")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--csr",
+    "csr_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a CSR for an offline root to sign (pki ceremony sign) instead of signing here.",
+)
+@RESUME
 @click.pass_context
-def ceremony_intermediate(ctx: click.Context, config: Path) -> None:
-    """Generate an intermediate key in the token and certify it with its parent."""
-    _ceremony_intermediate(_runtime(ctx), config)
+def ceremony_intermediate(
+    ctx: click.Context, config: Path, csr_out: Path | None, resume: bool
+) -> None:
+    """Generate an intermediate key in the token; certify it with its parent or write a CSR."""
+    rt = _runtime(ctx)
+    if csr_out is None:
+        _ceremony_intermediate(rt, config, reuse=resume)
+        return
+    cer = rt.config.ceremony(config)
+    cfg = rt.config.ca.issuers[cer.issuer]
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=resume
+    )
+    csr = intermediate_csr(cer, rt.config.profile(cer.profile), key)
+    csr_out.parent.mkdir(parents=True, exist_ok=True)
+    csr_out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    click.echo(f"CSR for {cer.issuer} ({key.uri}) -> {csr_out}: carry it to the root")
 
 
 @ceremony.command("ocsp-signer")
@@ -265,6 +323,30 @@ def _private_dir(path: Path) -> None:
     # Never narrow a shared directory given by mistake (sticky: /tmp) or someone else's.
     if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
         path.chmod(0o700)
+
+
+def init_dev_token(rt: Runtime, name: str) -> None:
+    """Initialises the SoftHSM token [tokens.NAME] with random PINs in the data directory."""
+    cfg = rt.config.ca.tokens.get(name)
+    if cfg is None:
+        raise PKIError(ErrorKind.NOT_FOUND, f"ca.toml: no token {name!r} in [tokens]")
+    if not cfg.softhsm_conf or not cfg.pin_file:
+        raise PKIError(
+            ErrorKind.CONFIG, f"ca.toml: tokens.{name}: a dev token needs softhsm_conf and pin_file"
+        )
+    pin_path = rt.path(cfg.pin_file)
+    so_path = pin_path.with_name(pin_path.stem.removesuffix("-user") + "-so.pin")
+    if not pin_path.exists():
+        _write_secret(pin_path, secrets.token_hex(16))
+        _write_secret(so_path, secrets.token_hex(16))
+    tok = hsm.init_softhsm_token(
+        rt.path(cfg.softhsm_conf).parent,
+        rt.token_label(name),
+        so_pin=so_path.read_text().strip(),
+        user_pin=pin_path.read_text().strip(),
+        module_path=cfg.module,
+    )
+    click.echo(f"SoftHSM token {tok.label!r} ({name}) in {tok.token_dir}")
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -340,24 +422,8 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     _private_dir(dev_dir)
     # One SoftHSM token per [tokens] entry (root, issuing CA, VA), each with its own random
     # user and SO PINs.
-    for name, cfg in rt.config.ca.tokens.items():
-        if not cfg.softhsm_conf or not cfg.pin_file:
-            raise PKIError(
-                ErrorKind.CONFIG, f"ca.toml: tokens.{name}: --dev needs softhsm_conf and pin_file"
-            )
-        pin_path = rt.path(cfg.pin_file)
-        so_path = pin_path.with_name(pin_path.stem.removesuffix("-user") + "-so.pin")
-        if not pin_path.exists():
-            _write_secret(pin_path, secrets.token_hex(16))
-            _write_secret(so_path, secrets.token_hex(16))
-        tok = hsm.init_softhsm_token(
-            rt.path(cfg.softhsm_conf).parent,
-            rt.token_label(name),
-            so_pin=so_path.read_text().strip(),
-            user_pin=pin_path.read_text().strip(),
-            module_path=cfg.module,
-        )
-        click.echo(f"SoftHSM token {tok.label!r} ({name}) in {tok.token_dir}")
+    for name in rt.config.ca.tokens:
+        init_dev_token(rt, name)
     rt.db.upgrade()
     roots = [i for i, c in rt.config.ca.issuers.items() if c.parent is None]
     ceremonies = rt.config.directory / "ceremonies"
@@ -552,6 +618,7 @@ cli_revoke.register(main)
 cli_broker.register(main)
 cli_factory.register(main)
 cli_scheduler.register(main)
+cli_offline.register(main, ceremony, issuer_group, init_dev_token)
 
 if __name__ == "__main__":
     main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import os
@@ -19,6 +20,7 @@ from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
 from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
+from pki.offline import stored_ocsp_responses
 from pki.revocation import RevocationService, parse_reason
 from pki.serial import parse_serial, serial_hex
 from pki.store import session_scope
@@ -170,6 +172,13 @@ def register(group: click.Group) -> None:
         type=click.IntRange(0, 86400),
         help="With --if-due: seconds to wait after a revocation, to publish a burst at once.",
     )
+    @click.option(
+        "--next-update",
+        "next_update_days",
+        default=None,
+        type=click.IntRange(1, 366),
+        help="Days until nextUpdate (default: ca.toml); an offline root publishes for long.",
+    )
     @click.pass_context
     def crl_publish(
         ctx: click.Context,
@@ -180,6 +189,7 @@ def register(group: click.Group) -> None:
         if_due: bool,
         period_minutes: int,
         delay_seconds: int,
+        next_update_days: int | None = None,
     ) -> None:
         """Sign and store the next CRL of each issuer with the issuer's key."""
         rt = _runtime(ctx)
@@ -189,6 +199,11 @@ def register(group: click.Group) -> None:
         else:
             targets = list(issuer_ids) or [i for i, c in issuers.items() if c.parent is not None]
         config = rt.crl_config()
+        if next_update_days is not None:
+            # An offline root publishes rarely, so its CRL says so in nextUpdate.
+            config = dataclasses.replace(
+                config, full_validity=datetime.timedelta(days=next_update_days)
+            )
         publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, config)
         jobs = Jobs(rt.db, rt.clock)
         when_due = (
@@ -251,11 +266,25 @@ def register(group: click.Group) -> None:
 
     @ocsp.command("presign")
     @click.option("--issuer", "issuer_id", default=None, help="Only this issuer.")
+    @click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="With --issuer: also write its stored responses here (SERIAL.ocsp), to carry.",
+    )
     @click.pass_context
-    def ocsp_presign(ctx: click.Context, issuer_id: str | None) -> None:
+    def ocsp_presign(ctx: click.Context, issuer_id: str | None, out_dir: Path | None) -> None:
         """Sign a response for every issued, unexpired certificate that lacks a fresh one."""
         rt = _runtime(ctx)
+        if out_dir is not None and issuer_id is None:
+            raise click.UsageError("--out needs --issuer")
         result = Jobs(rt.db, rt.clock).presign(_presigner(rt), issuer_id)
+        if out_dir is not None and issuer_id is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for serial, der in stored_ocsp_responses(rt.db, issuer_id):
+                (out_dir / f"{serial}.ocsp").write_bytes(der)
+                click.echo(f"{issuer_id}/{serial} -> {out_dir / f'{serial}.ocsp'}")
         for iid, count in sorted(result.signed.items()):
             click.echo(f"{iid}: {count} responses signed")
         for iid, why in sorted(result.skipped.items()):

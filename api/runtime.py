@@ -238,6 +238,14 @@ class Runtime:
                 return None
             raise
 
+    def issuer_certificate(self, issuer_id: str) -> x509.Certificate:
+        """Returns an issuer's certificate from the store, without opening its key."""
+        with session_scope(self.db) as session:
+            cert_der = IssuerRepository(session).get(issuer_id).cert_der
+        if cert_der is None:
+            raise config_error(f"issuer {issuer_id} has no certificate yet: finish its ceremony")
+        return x509.load_der_x509_certificate(cert_der)
+
     def issuer_for_profile(self, profile: str) -> str:
         """Names the first issuer in ca.toml that issues a profile."""
         for issuer_id, cfg in self.config.ca.issuers.items():

@@ -113,7 +113,9 @@ class OCSPQuery:
 
     request: OCSPRequestInfo
     issuer_id: str
-    signer: OCSPSigner
+    matcher: IssuerMatcher
+    # None where no signer key is here: an offline root's answers are pre-signed and imported.
+    signer: OCSPSigner | None
     # For each CertID of the request: whether it names this issuer.
     owned: tuple[bool, ...]
 
@@ -246,7 +248,7 @@ class PresignedSource:
         if cert_id.serial <= 0 or cert_id.hash_algorithm != PRESIGN_HASH:
             return None
         # The client checks that the response's CertID is the one it sent (RFC 6960 §3.2).
-        if query.signer.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
+        if query.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
             return None
         now = self.clock.now()
         stored = self.responses.find(query.issuer_id, serial_hex(cert_id.serial), now)
@@ -311,6 +313,8 @@ class LiveSource:
         return state is not None and state.status is CertificateStatus.ISSUED
 
     def _signer(self, query: OCSPQuery) -> OCSPSigner | None:
+        if query.signer is None:
+            return None
         if self.signers is None or self._usable(query.issuer_id, query.signer):
             return query.signer
         log.warning("OCSP signer of %s is no longer valid: reloading signers", query.issuer_id)
@@ -321,6 +325,8 @@ class LiveSource:
         return signer
 
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+        # No signer key for this issuer here (an offline root): only what was pre-signed and
+        # imported can be served; RFC 6960 §2.3 "tryLater" for the rest.
         signer = self._signer(query)
         if signer is None:
             return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
@@ -371,10 +377,13 @@ class OCSPResponder:
                 # query to this server" -- and no certificate here is ours to answer for.
                 return error_answer(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
             issuer_id = known[0]
-            signer = self.signers.signer(issuer_id)
-            if signer is None:
-                return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
-            query = OCSPQuery(request, issuer_id, signer, tuple(i == issuer_id for i in issuers))
+            query = OCSPQuery(
+                request,
+                issuer_id,
+                self.signers.matchers()[issuer_id],
+                self.signers.signer(issuer_id),
+                tuple(i == issuer_id for i in issuers),
+            )
             for source in self.sources:
                 answer = source.answer(query)
                 if answer is not None:
