@@ -26,7 +26,7 @@ from pki.clock import Clock
 from pki.config import CeremonyConfig, ProfileConfig
 from pki.crl_import import CRLImporter
 from pki.csr import CertificateRequest, key_type_of, subject_text
-from pki.errors import bad_request, conflict, not_found, policy
+from pki.errors import ErrorKind, PKIError, bad_request, conflict, not_found, policy
 from pki.issuer import IssuanceService, Issued, Issuer, fingerprint, same_public_key
 from pki.serial import serial_hex
 from pki.store import Database, IssuerRecord, audit, session_scope
@@ -171,21 +171,8 @@ class ImportService:
             existing.fingerprint_sha256 = digest
             # The certificate is one of its parent's, so the parent's CRLs and OCSP answers
             # (imported too) have a row to refer to.
-            certificates = CertificateRepository(session)
-            record = certificates.add_pending(
-                issuer_id=parent_id or issuer_id,
-                serial_hex=serial_hex(cert.serial_number),
-                profile=profile.name,
-                subject=subject_text(cert.subject),
-                sans=[],
-                device_id=None,
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                tbs_der=cert.tbs_certificate_bytes,
-                at=now,
-            )
-            certificates.mark_issued(
-                record.id, cert_der=cert_der, fingerprint_sha256=digest, at=now
+            _record_certificate(
+                CertificateRepository(session), parent_id or issuer_id, cert, profile.name, now
             )
             audit.append(
                 session,
@@ -239,6 +226,12 @@ class ImportService:
             signer = _ocsp_signer(response, issuer_cert)
             if not _signature_valid(signer, response):
                 raise policy("the OCSP response's signature does not verify")
+            if signer is not issuer_cert:
+                # The pre-signed store serves an answer only while its signer's row says
+                # issued, so the root's responder certificate is recorded with the answer.
+                _record_certificate(
+                    CertificateRepository(session), record.id, signer, "ocsp-signer", now
+                )
             serial = serial_hex(response.serial_number)
             cert = CertificateRepository(session).by_serial(serial, record.id)
             status = response.certificate_status.name.lower()
@@ -269,6 +262,39 @@ def stored_ocsp_responses(db: Database, issuer_id: str) -> list[tuple[str, bytes
     """Returns the issuer's pre-signed responses (serial, DER), to carry to the online side."""
     with session_scope(db) as session:
         return OCSPResponseRepository(session).of_issuer(issuer_id)
+
+
+def _record_certificate(
+    certificates: CertificateRepository,
+    issuer_id: str,
+    cert: x509.Certificate,
+    profile: str,
+    now: datetime.datetime,
+) -> None:
+    """Records a certificate the root's side issued as issued here, once."""
+    serial = serial_hex(cert.serial_number)
+    try:
+        certificates.by_serial(serial, issuer_id)
+        return
+    except PKIError as e:
+        if e.kind is not ErrorKind.NOT_FOUND:
+            raise
+    cert_der = cert.public_bytes(serialization.Encoding.DER)
+    record = certificates.add_pending(
+        issuer_id=issuer_id,
+        serial_hex=serial,
+        profile=profile,
+        subject=subject_text(cert.subject),
+        sans=[],
+        device_id=None,
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        tbs_der=cert.tbs_certificate_bytes,
+        at=now,
+    )
+    certificates.mark_issued(
+        record.id, cert_der=cert_der, fingerprint_sha256=fingerprint(cert_der), at=now
+    )
 
 
 def _check_issued_by(cert: x509.Certificate, parent: x509.Certificate, issuer_id: str) -> None:
