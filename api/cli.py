@@ -30,6 +30,7 @@ from api.cli_actor import actor as _actor
 from api.escape import escape
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
+from pki.crl_publisher import CRLPublisher
 from pki.csr import (
     CertificateRequest,
     check_request,
@@ -45,6 +46,7 @@ from pki.offline import intermediate_csr
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, session_scope
 from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
+from pki.store.revocation_models import CRLRepository
 
 EXIT_CODES = {
     ErrorKind.NOT_FOUND: 3,
@@ -437,6 +439,8 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     for issuer_id, c in rt.config.ca.issuers.items():
         if c.ocsp_signer_key_label and not (dev_dir / "certs" / f"{issuer_id}-ocsp.pem").exists():
             _ceremony_ocsp_signer(rt, issuer_id, "ec-p256")
+    for issuer_id in roots:
+        _first_root_crl(rt, issuer_id)
     if not rt.path(rt.config.ca.audit.certificate).exists():
         cli_audit.audit_signer(rt)
     if not (dev_dir / "tls" / "server.pem").exists():
@@ -446,6 +450,19 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     _write_pem(dev_dir / "certs" / "chain.pem", chain)
     cli_audit.checkpoint(rt)
     click.echo(f"demo hierarchy ready in {dev_dir}")
+
+
+def _first_root_crl(rt: Runtime, issuer_id: str) -> None:
+    """Signs the root's first CRL while the root's token is open; later ones come by ceremony."""
+    # The servers and the scheduler never open the root's token ([processes]); its CRL is
+    # renewed in a root ceremony and imported (docs/ceremony.md).
+    with session_scope(rt.db) as session:
+        if CRLRepository(session).highest_number(issuer_id):
+            return
+    published = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, rt.crl_config()).publish(
+        rt.issuer(issuer_id), delta=False
+    )
+    click.echo(f"{issuer_id}: CRL number {published.crl_number}")
 
 
 def _chain_order(rt: Runtime) -> list[str]:
