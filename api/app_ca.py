@@ -17,6 +17,7 @@ from api import admin, errors
 from api.est.views import create_blueprint
 from api.refusals import est_refusal_hook
 from api.runtime import Runtime
+from pki import issuer_standing
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
@@ -124,6 +125,7 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
         return errors.error_response(PKIError(ErrorKind.INTERNAL, "internal error"), plain=True)
 
     app.register_blueprint(create_blueprint(service, est))
+    label_issuers = sorted({label.issuer for label in est.labels.values()})
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
@@ -136,8 +138,19 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
             issuers.ping_token()
         except Exception:
             token = "unavailable"  # noqa: S105 (a state, not a credential)
-        healthy = database == token == "ok"
-        body = {"status": "ok" if healthy else "degraded", "database": database, "token": token}
+        try:
+            unfit = issuer_standing.problems(runtime.db, runtime.clock.now(), label_issuers)
+        except Exception:  # the database answer above already says what went wrong
+            unfit = {}
+        healthy = database == token == "ok" and not unfit
+        body: dict[str, object] = {
+            "status": "ok" if healthy else "degraded",
+            "database": database,
+            "token": token,
+        }
+        if unfit:
+            # A revoked or expired issuer issues nothing: EST answers 503 until it is replaced.
+            body["issuers"] = unfit
         return jsonify(body), 200 if healthy else 503
 
     admin.register(app, runtime)

@@ -98,15 +98,24 @@ def device_import(ctx: click.Context, csv_file: Path) -> None:
     help="Write the secret to this file (mode 0600).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the secret on standard output.")
+@click.option(
+    "--reason",
+    default=None,
+    help="Why a device that has enrolled gets a new secret (required for one; audited).",
+)
 @click.pass_context
-def device_secret(ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool) -> None:
+def device_secret(
+    ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool, reason: str | None
+) -> None:
     """Draw a new one-time enrollment secret; an unused older one stops working."""
     from api.app_ca import device_service
 
     if (out is None) == (not to_stdout):
         raise click.UsageError("say where the secret goes: --out FILE or --stdout (one of them)")
     rt = _runtime(ctx)
-    new = device_service(rt, _est(rt)).new_secret(device_id, actor=_actor())
+    new = device_service(rt, _est(rt)).new_secret(
+        device_id, actor=_actor(), may_redraw=True, reason=reason
+    )
     if out is not None:
         _write_private(out, new.secret + "\n")
         click.echo(f"secret for {device_id} written to {out}, valid until {new.expires_at}")

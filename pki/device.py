@@ -38,6 +38,7 @@ from pki.store.enrollment_repository import (
     login_state,
     session_of,
 )
+from pki.store.repository import CertificateRepository
 
 SECRET_BYTES = 24  # 192 bits of entropy, 32 URL-safe characters
 MAX_SECRET_LENGTH = 256
@@ -364,6 +365,12 @@ class DeviceService:
             )
             return [_info(d, None, None) for d in rows]
 
+    def certificates(self, device_id: str) -> Sequence[bytes]:
+        """Returns a registered device's issued certificates (DER), newest first."""
+        with self.db.read_session() as session:
+            DeviceRepository(session).get(device_id)
+            return CertificateRepository(session).issued_der_of_device(device_id)
+
     def decommission(self, device_id: str, *, actor: str) -> DeviceInfo:
         """Retires a device for good: its secrets stop working and it cannot enroll again."""
         now = self.clock.now()
@@ -380,16 +387,39 @@ class DeviceService:
 
     # --- one-time secrets -------------------------------------------------------------
 
-    def new_secret(self, device_id: str, *, actor: str) -> NewSecret:
-        """Draws a new one-time secret for a device; any unused older one stops working."""
+    def new_secret(
+        self,
+        device_id: str,
+        *,
+        actor: str,
+        may_redraw: bool = False,
+        reason: str | None = None,
+    ) -> NewSecret:
+        """Draws a new one-time secret for a device; any unused older one stops working.
+
+        A secret for a device that has enrolled would let its holder take the device's
+        identity over: it is drawn only with `may_redraw` (the admin role, the pki command)
+        and a reason, which the audit event records.
+        """
         now = self.clock.now()
         secret = secrets.token_urlsafe(SECRET_BYTES)
         hashed = hash_secret(secret)
         expires_at = now + self.secret_lifetime
         with session_scope(self.db) as session:
-            device = DeviceRepository(session).get(device_id, for_update=True)
+            devices = DeviceRepository(session)
+            device = devices.get(device_id, for_update=True)
             if device.state not in ENROLLABLE:
                 raise conflict(f"device {device_id} is {device.state.value}: it cannot enroll")
+            redrawn = devices.ever_enrolled(device)
+            if redrawn and not may_redraw:
+                raise PKIError(
+                    ErrorKind.FORBIDDEN,
+                    f"device {device_id} has enrolled: a new secret for it needs the admin role",
+                )
+            if redrawn and not (reason and reason.strip()):
+                raise bad_request(
+                    f"device {device_id} has enrolled: give the reason for a new secret"
+                )
             repo = SecretRepository(session)
             replaced = repo.replace_active(device_id)
             repo.add(
@@ -407,9 +437,13 @@ class DeviceService:
                 session,
                 at=now,
                 actor=actor,
-                action="device.secret_issued",
+                action="device.secret_redrawn" if redrawn else "device.secret_issued",
                 target=device_id,
-                details={"expires_at": expires_at.isoformat(), "replaced": replaced},
+                details={
+                    "expires_at": expires_at.isoformat(),
+                    "replaced": replaced,
+                    **({"reason": (reason or "").strip()[:200]} if redrawn else {}),
+                },
             )
         return NewSecret(device_id, secret, expires_at)
 

@@ -141,7 +141,11 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         body = _json_body()
         reason = parse_reason(body.get("reason", "unspecified"))
         result = revocations.revoke(
-            wanted, reason, actor=ident.actor, issuer_id=_optional_str(body, "issuer")
+            wanted,
+            reason,
+            actor=ident.actor,
+            issuer_id=_optional_str(body, "issuer"),
+            allow_guarded=ident.role is Role.ADMIN,
         )
         return jsonify({**_revoked(result), "changed": result.changed})
 
@@ -151,7 +155,10 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         wanted = _serial(serial)
         body = _json_body() if request.content_length else {}
         result = revocations.release(
-            wanted, actor=ident.actor, issuer_id=_optional_str(body, "issuer")
+            wanted,
+            actor=ident.actor,
+            issuer_id=_optional_str(body, "issuer"),
+            allow_guarded=ident.role is Role.ADMIN,
         )
         return jsonify({"issuer": result.issuer_id, "serial": result.serial_hex, "released": True})
 
