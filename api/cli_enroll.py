@@ -63,14 +63,29 @@ def device() -> None:
 @click.argument("device_id")
 @click.option("--model", default=None, help="Device model.")
 @click.option("--batch", default=None, help="Production batch.")
+@click.option(
+    "--manufacturer",
+    default=None,
+    metavar="SHA256",
+    help="Enrolls with an IDevID of this manufacturer: its anchor's SHA-256 fingerprint.",
+)
 @click.pass_context
-def device_add(ctx: click.Context, device_id: str, model: str | None, batch: str | None) -> None:
-    """Register one device (state: registered)."""
+def device_add(
+    ctx: click.Context,
+    device_id: str,
+    model: str | None,
+    batch: str | None,
+    manufacturer: str | None,
+) -> None:
+    """Register one device (state: registered), for a one-time secret or an IDevID."""
     from api.app_ca import device_service
 
     rt = _runtime(ctx)
-    info = device_service(rt, _est(rt)).add(device_id, model=model, batch=batch, actor=_actor())
-    click.echo(f"device {info.device_id} registered")
+    info = device_service(rt, _est(rt)).add(
+        device_id, model=model, batch=batch, manufacturer=manufacturer, actor=_actor()
+    )
+    how = "IDevID" if info.enroll_method == "idevid" else "one-time secret"
+    click.echo(f"device {info.device_id} registered (enrolls with a {how})")
 
 
 @device.command("import")

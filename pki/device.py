@@ -26,19 +26,29 @@ import io
 import secrets
 from collections.abc import Sequence
 
+from pki import binding as bindings
 from pki.clock import Clock
 from pki.csr import DEVICE_ID_RE
 from pki.errors import ErrorKind, PKIError, bad_request, conflict
+from pki.idevid import IDevID
 from pki.store import CertificateRecord, Database, Device, DeviceState, audit, session_scope
-from pki.store.enrollment_models import AuthFailure, EnrollmentSecret, SecretState
+from pki.store.enrollment_models import (
+    DeviceBinding,
+    EnrollmentSecret,
+    EnrollMethod,
+    SecretState,
+)
 from pki.store.enrollment_repository import (
     AuthFailureRepository,
+    BindingRepository,
     DeviceRepository,
+    FailureCount,
     SecretRepository,
     login_state,
     session_of,
 )
 from pki.store.repository import CertificateRepository
+from pki.throttle import LoginThrottle
 
 SECRET_BYTES = 24  # 192 bits of entropy, 32 URL-safe characters
 MAX_SECRET_LENGTH = 256
@@ -48,9 +58,12 @@ CSV_COLUMNS = ("id", "model", "batch")
 # States in which a device may get a secret and enroll.
 ENROLLABLE = (DeviceState.REGISTERED, DeviceState.ENROLLED)
 
-# One message for every wrong, used, expired or unknown secret: which of them it was would
-# tell an attacker which device IDs exist and which secrets were once right.
+# One message for every wrong, used, expired or unknown secret and every lock-out: which of
+# them it was would tell an attacker which device IDs exist and which secrets were once right.
 BAD_SECRET = "enrollment secret is wrong, used or expired"  # noqa: S105 (a message)
+
+# The throttling key of a user name that cannot be a device ID (never a valid device ID).
+_INVALID_ID = "-"
 
 
 def unauthorized(message: str) -> PKIError:
@@ -115,6 +128,9 @@ class DeviceInfo:
     secret_expires_at: datetime.datetime | None = None
     failures: int = 0
     locked_until: datetime.datetime | None = None
+    enroll_method: str | None = None
+    manufacturer_sha256: str | None = None
+    idevid_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         def iso(t: datetime.datetime | None) -> str | None:
@@ -130,6 +146,9 @@ class DeviceInfo:
             "secret_expires_at": iso(self.secret_expires_at),
             "failed_logins": self.failures,
             "locked_until": iso(self.locked_until),
+            "enroll_method": self.enroll_method,
+            "manufacturer_sha256": self.manufacturer_sha256,
+            "idevid_sha256": self.idevid_sha256,
         }
 
 
@@ -159,7 +178,10 @@ class Authenticated:
 
 
 def _info(
-    device: Device, failure: AuthFailure | None, secret: EnrollmentSecret | None
+    device: Device,
+    failure: FailureCount | None,
+    secret: EnrollmentSecret | None,
+    binding: DeviceBinding | None = None,
 ) -> DeviceInfo:
     return DeviceInfo(
         device_id=device.id,
@@ -171,6 +193,9 @@ def _info(
         secret_expires_at=secret.expires_at if secret is not None else None,
         failures=failure.failures if failure is not None else 0,
         locked_until=failure.locked_until if failure is not None else None,
+        enroll_method=binding.method.value if binding is not None else None,
+        manufacturer_sha256=binding.manufacturer_sha256 if binding is not None else None,
+        idevid_sha256=binding.idevid_sha256 if binding is not None else None,
     )
 
 
@@ -204,6 +229,7 @@ class DeviceService:
         *,
         secret_lifetime: datetime.timedelta = datetime.timedelta(hours=72),
         max_failures: int = 5,
+        max_address_failures: int = 50,
         lockout: datetime.timedelta = datetime.timedelta(minutes=15),
     ) -> None:
         self.db = db
@@ -211,15 +237,28 @@ class DeviceService:
         self.secret_lifetime = secret_lifetime
         self.max_failures = max_failures
         self.lockout = lockout
+        self.throttle = LoginThrottle(
+            db,
+            max_failures=max_failures,
+            max_address_failures=max_address_failures,
+            window=lockout,
+        )
 
     # --- registry ---------------------------------------------------------------------
 
     def add(
-        self, device_id: str, *, model: str | None = None, batch: str | None = None, actor: str
+        self,
+        device_id: str,
+        *,
+        model: str | None = None,
+        batch: str | None = None,
+        manufacturer: str | None = None,
+        actor: str,
     ) -> DeviceInfo:
-        """Registers one device; a device ID can be registered only once."""
+        """Registers one device, for secrets or for one manufacturer's IDevID; once per ID."""
         _check_id(device_id)
         model, batch = _check_attr("model", model), _check_attr("batch", batch)
+        anchor = bindings.manufacturer_fingerprint(manufacturer) if manufacturer else None
         now = self.clock.now()
         with session_scope(self.db) as session:
             repo = DeviceRepository(session)
@@ -235,15 +274,22 @@ class DeviceService:
                     updated_at=now,
                 )
             )
+            binding = BindingRepository(session).add(
+                DeviceBinding(
+                    device_id=device_id,
+                    method=EnrollMethod.SECRET if anchor is None else EnrollMethod.IDEVID,
+                    manufacturer_sha256=anchor,
+                )
+            )
             audit.append(
                 session,
                 at=now,
                 actor=actor,
                 action="device.registered",
                 target=device_id,
-                details={"model": model, "batch": batch},
+                details={"model": model, "batch": batch, "manufacturer_sha256": anchor},
             )
-            return _info(device, None, None)
+            return _info(device, None, None, binding)
 
     def import_csv(self, text: str, *, actor: str, source: str = "CSV") -> ImportResult:
         """Registers devices from CSV (header id[,model][,batch]); all or nothing, idempotent."""
@@ -347,8 +393,9 @@ class DeviceService:
         with session_scope(self.db) as session:
             device = DeviceRepository(session).get(device_id)
             active = SecretRepository(session).active(device_id)
-            failure = AuthFailureRepository(session).find(device_id)
-            return _info(device, failure, active[0] if active else None)
+            failure = AuthFailureRepository(session).of_device(device_id)
+            binding = BindingRepository(session).find(device_id)
+            return _info(device, failure, active[0] if active else None, binding)
 
     def list(
         self,
@@ -410,6 +457,12 @@ class DeviceService:
             device = devices.get(device_id, for_update=True)
             if device.state not in ENROLLABLE:
                 raise conflict(f"device {device_id} is {device.state.value}: it cannot enroll")
+            binding = BindingRepository(session).find(device_id)
+            if binding is not None and binding.method is not EnrollMethod.SECRET:
+                raise conflict(
+                    f"device {device_id} enrolls with its manufacturer certificate (IDevID), "
+                    "not a secret"
+                )
             redrawn = devices.ever_enrolled(device)
             if redrawn and not may_redraw:
                 raise PKIError(
@@ -447,59 +500,52 @@ class DeviceService:
             )
         return NewSecret(device_id, secret, expires_at)
 
-    def authenticate(self, device_id: str, secret: str) -> Authenticated:
-        """Checks a device's one-time secret without spending it; failures are counted."""
+    def authenticate(self, device_id: str, secret: str, *, address: str = "") -> Authenticated:
+        """Checks a device's one-time secret without spending it; failures are throttled.
+
+        Every failure (unknown ID, wrong, used or expired secret, lock-out) is the same error
+        after the same work: one look-up of the throttle, one of the device, one hash
+        comparison (against a dummy when there is no stored hash) and one throttle write.
+        """
         now = self.clock.now()
-        if not DEVICE_ID_RE.match(device_id) or len(secret) > MAX_SECRET_LENGTH:
-            _burn_time(secret[:MAX_SECRET_LENGTH])
-            raise unauthorized(BAD_SECRET)
+        valid = DEVICE_ID_RE.match(device_id) is not None
+        key = device_id if valid else _INVALID_ID
+        secret = secret[: MAX_SECRET_LENGTH + 1]
+        address = address[:64]
+        locked = self.throttle.locked(key, address, now)
         with self.db.read_session() as session:
-            login = login_state(session, device_id)
-        state = login.state if login is not None else None
-        locked_until = login.locked_until if login is not None else None
+            login = login_state(session, key) if valid else None
         candidates = login.secrets if login is not None else ()
-        if state is None:
-            _burn_time(secret)
-            raise unauthorized(BAD_SECRET)
-        if locked_until is not None and locked_until > now:
-            raise unauthorized(
-                f"device {device_id} is locked after too many failed logins until "
-                f"{locked_until.isoformat()}"
-            )
         match = None
         for secret_id, hashed, expires_at in candidates:
             if verify_secret(secret, hashed) and expires_at > now:
                 match = secret_id
         if not candidates:
             _burn_time(secret)
-        if match is None:
-            self._count_failure(device_id, now)
-            raise unauthorized(BAD_SECRET)
-        if state not in ENROLLABLE:
-            raise forbidden(f"device {device_id} is {state.value}: it cannot enroll")
+        if login is None or match is None or locked or len(secret) > MAX_SECRET_LENGTH:
+            self.throttle.fail(key, address, now)
+            # The caller sees BAD_SECRET only; the refusal audit keeps which failure it was.
+            reason = (
+                "throttled"
+                if locked
+                else "unknown device"
+                if login is None
+                else "wrong, used or expired secret"
+            )
+            raise PKIError(ErrorKind.UNAUTHORIZED, BAD_SECRET, detail=reason)
+        if login.state not in ENROLLABLE:
+            raise forbidden(f"device {device_id} is {login.state.value}: it cannot enroll")
         return Authenticated(device_id, match)
 
-    def _count_failure(self, device_id: str, now: datetime.datetime) -> None:
-        with session_scope(self.db) as session:
-            row = AuthFailureRepository(session).locked(device_id, create_at=now)
-            if row.locked_until is not None and row.locked_until <= now:
-                row.failures = 0  # the lock-out served its time: count afresh
-                row.locked_until = None
-            row.failures += 1
-            row.last_failure_at = now
-            if row.failures >= self.max_failures:
-                row.locked_until = now + self.lockout
-                audit.append(
-                    session,
-                    at=now,
-                    actor=f"device:{device_id}",
-                    action="device.locked",
-                    target=device_id,
-                    details={
-                        "failures": row.failures,
-                        "locked_until": row.locked_until.isoformat(),
-                    },
-                )
+    def check_binding(self, device_id: str, idevid: IDevID, *, register: bool) -> None:
+        """Refuses, before anything is stored, an IDevID the device is not bound to."""
+        with self.db.read_session() as session:
+            device = DeviceRepository(session).find(device_id)
+            if device is None:
+                if not register:
+                    raise forbidden(f"device {device_id} is not registered")
+                return
+            bindings.check(device_id, BindingRepository(session).find(device_id), idevid)
 
     def record_enrollment(
         self,
@@ -508,6 +554,7 @@ class DeviceService:
         secret_id: int | None,
         *,
         register: bool = False,
+        idevid: IDevID | None = None,
     ) -> None:
         """Spends the secret and marks the device enrolled in the transaction of `record`.
 
@@ -535,6 +582,9 @@ class DeviceService:
             )
         if device.state not in ENROLLABLE:
             raise forbidden(f"device {device_id} is {device.state.value}: it cannot enroll")
+        if secret_id is not None or idevid is not None:
+            # Re-enrollment (neither) is by the device's own certificate: no binding applies.
+            bindings.bind(device, idevid, now)
         if secret_id is not None:
             if not SecretRepository(session).consume(secret_id, now):
                 raise unauthorized(BAD_SECRET)

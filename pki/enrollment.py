@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from pki import idevid as idevids
 from pki import serverkeygen
 from pki.clock import Clock
 from pki.config import ConfigSet, ProfileConfig
@@ -34,6 +33,7 @@ from pki.device import Authenticated, DeviceService, forbidden, unauthorized
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
+from pki.idevid import IDevID
 from pki.issuer import IssuanceService, Issuer
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
@@ -91,6 +91,7 @@ class _Who:
     method: Method
     secret: Authenticated | None = None
     register: bool = False
+    idevid: IDevID | None = None
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -119,6 +120,7 @@ class EnrollmentService:
         devices: DeviceService,
         revocation: RevocationService,
         anchors: Mapping[str, Sequence[x509.Certificate]] | None = None,
+        intermediates: Mapping[str, Sequence[x509.Certificate]] | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -129,6 +131,7 @@ class EnrollmentService:
         self.devices = devices
         self.revocation = revocation
         self.anchors = dict(anchors or {})
+        self.intermediates = dict(intermediates or {})
 
     # --- read-only operations ---------------------------------------------------------
 
@@ -293,42 +296,37 @@ class EnrollmentService:
     def _authenticate_initial(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> _Who:
         # RFC 7030 3.3.2: a client certificate that the server cannot use for this label does
         # not stop HTTP-based client authentication.
+        refused: PKIError | None = None
         if "idevid" in cfg.auth and identity.has_certificate:
-            device_id = self._idevid_device_id(name, cfg, identity)
-            if device_id is not None:
-                return _Who(device_id=device_id, method="idevid", register=True)
+            try:
+                idevid = self._idevid(name, cfg, identity)
+            except PKIError as e:
+                refused = e
+            else:
+                register = cfg.idevid_auto_register
+                self.devices.check_binding(idevid.device_id, idevid, register=register)
+                return _Who(idevid.device_id, "idevid", register=register, idevid=idevid)
         if "basic" in cfg.auth and identity.basic is not None:
-            auth = self.devices.authenticate(identity.basic.username, identity.basic.password)
-            return _Who(device_id=auth.device_id, method="basic", secret=auth)
-        if identity.has_certificate and "idevid" in cfg.auth:
-            raise forbidden(
-                f"the client certificate is not from a manufacturer label {name} trusts"
+            auth = self.devices.authenticate(
+                identity.basic.username, identity.basic.password, address=identity.address
             )
+            return _Who(device_id=auth.device_id, method="basic", secret=auth)
+        if refused is not None:
+            raise refused
         if "basic" in cfg.auth:
             raise unauthorized("authentication required: device ID and one-time secret")
         raise unauthorized(f"label {name} needs a client certificate")
 
-    def _idevid_device_id(
-        self, name: str, cfg: LabelConfig, identity: ClientIdentity
-    ) -> str | None:
-        leaf = identity.leaf()
-        now = self.clock.now()
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            return None
-        issuers = list(self.anchors.get(name, ()))
-        # A manufacturer intermediate the client sent counts if an anchor issued it.
-        for intermediate in identity.intermediates():
-            if any(_issued_by(intermediate, anchor) for anchor in issuers):
-                issuers.append(intermediate)
-        if not any(_issued_by(leaf, issuer) for issuer in issuers):
-            return None
-        oid = (
-            NameOID.SERIAL_NUMBER if cfg.idevid_device_id == "serialNumber" else NameOID.COMMON_NAME
+    def _idevid(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> IDevID:
+        # The chain as the client sent it (leaf first) and the label's configured
+        # intermediates; the path must end at one of this label's anchors.
+        return idevids.identify(
+            [identity.leaf(), *identity.intermediates()],
+            self.anchors.get(name, ()),
+            self.intermediates.get(name, ()),
+            self.clock.now(),
+            cfg.idevid_device_id,
         )
-        attrs = leaf.subject.get_attributes_for_oid(oid)
-        if not attrs:
-            raise forbidden(f"the manufacturer certificate has no subject {cfg.idevid_device_id}")
-        return str(attrs[0].value)
 
     def _our_current_certificate(
         self, cfg: LabelConfig, identity: ClientIdentity
@@ -348,6 +346,11 @@ class EnrollmentService:
                 raise forbidden("the client certificate was not issued by this CA")
             status, device_id, profile = record.status, record.device_id, record.profile
             not_after = record.not_after
+            # Re-enrollment is by the device's current certificate only: not by one that a
+            # newer certificate superseded and that a grace period still leaves unrevoked.
+            issued = CertificateRepository(session).issued_of_device(device_id or "")
+            newest = [r.serial_hex for r in issued if r.profile == profile][-1:]
+            superseded = bool(newest) and newest[0] != serial
         if status is CertificateStatus.REVOKED:
             raise forbidden(f"the client certificate {serial} is revoked")
         if status is not CertificateStatus.ISSUED:
@@ -356,6 +359,8 @@ class EnrollmentService:
             raise forbidden(f"the client certificate {serial} has expired")
         if device_id is None:
             raise forbidden("the client certificate is not a device certificate")
+        if superseded:
+            raise forbidden(f"the client certificate {serial} is superseded by a newer one")
         if profile != cfg.profile:
             raise forbidden(f"the client certificate has profile {profile}, not {cfg.profile}")
         return serial, device_id, leaf
@@ -441,6 +446,7 @@ class EnrollmentService:
                 who.device_id,
                 who.secret.secret_id if who.secret is not None else None,
                 register=who.register,
+                idevid=who.idevid,
             )
             session = session_of(record)
             if digest is not None and who.method != "reenroll":
@@ -470,13 +476,3 @@ class EnrollmentService:
             chain=chain,
             method=who.method,
         )
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
