@@ -224,12 +224,15 @@ def enrollment_pending(ctx: click.Context) -> None:
 @enrollment.command("sweep")
 @click.pass_context
 def enrollment_sweep(ctx: click.Context) -> None:
-    """Revoke (superseded) certificates whose successor is past the grace period."""
+    """Revoke superseded certificates past the grace period; forget stale failed logins."""
     from api.app_ca import enrollment_service
 
     rt = _runtime(ctx)
-    revoked = enrollment_service(rt, _est(rt)).sweep_superseded()
+    service = enrollment_service(rt, _est(rt))
+    revoked = service.sweep_superseded()
     click.echo(f"{len(revoked)} superseded certificate(s) revoked")
+    pruned = service.devices.throttle.prune(rt.clock.now())
+    click.echo(f"{pruned} stale failed-login counter(s) removed")
 
 
 # --- servers --------------------------------------------------------------------------

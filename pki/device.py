@@ -53,7 +53,8 @@ from pki.throttle import LoginThrottle
 SECRET_BYTES = 24  # 192 bits of entropy, 32 URL-safe characters
 MAX_SECRET_LENGTH = 256
 MAX_CSV_ERRORS = 20
-CSV_COLUMNS = ("id", "model", "batch")
+CSV_COLUMNS = ("id", "model", "batch", "manufacturer")
+_Row = tuple[int, str | None, str | None, str | None]  # line, model, batch, manufacturer
 
 # States in which a device may get a secret and enroll.
 ENROLLABLE = (DeviceState.REGISTERED, DeviceState.ENROLLED)
@@ -199,6 +200,12 @@ def _info(
     )
 
 
+def _binding(device_id: str, manufacturer: str | None) -> DeviceBinding:
+    # A registered device is bound to secrets, or to its manufacturer when one is named.
+    method = EnrollMethod.SECRET if manufacturer is None else EnrollMethod.IDEVID
+    return DeviceBinding(device_id=device_id, method=method, manufacturer_sha256=manufacturer)
+
+
 def _check_id(device_id: str) -> str:
     if not DEVICE_ID_RE.match(device_id):
         raise bad_request(
@@ -274,13 +281,7 @@ class DeviceService:
                     updated_at=now,
                 )
             )
-            binding = BindingRepository(session).add(
-                DeviceBinding(
-                    device_id=device_id,
-                    method=EnrollMethod.SECRET if anchor is None else EnrollMethod.IDEVID,
-                    manufacturer_sha256=anchor,
-                )
-            )
+            binding = BindingRepository(session).add(_binding(device_id, anchor))
             audit.append(
                 session,
                 at=now,
@@ -292,13 +293,18 @@ class DeviceService:
             return _info(device, None, None, binding)
 
     def import_csv(self, text: str, *, actor: str, source: str = "CSV") -> ImportResult:
-        """Registers devices from CSV (header id[,model][,batch]); all or nothing, idempotent."""
+        """Registers devices from CSV (id[,model][,batch][,manufacturer]); all or nothing.
+
+        Idempotent: a device already registered with the same model and batch is left as it
+        is, binding included. A new device is bound to one-time secrets, or to the
+        manufacturer whose anchor's SHA-256 fingerprint its row names.
+        """
         rows, errors = self._parse_csv(text, source)
         now = self.clock.now()
         with session_scope(self.db) as session:
             repo = DeviceRepository(session)
             existing = repo.existing(rows)
-            for device_id, (line, model, batch) in rows.items():
+            for device_id, (line, model, batch, _maker) in rows.items():
                 have = existing.get(device_id)
                 if have is not None and (have.model, have.batch) != (model, batch):
                     errors.append(
@@ -319,10 +325,11 @@ class DeviceService:
                     created_at=now,
                     updated_at=now,
                 )
-                for device_id, (_line, model, batch) in rows.items()
+                for device_id, (_line, model, batch, _maker) in rows.items()
                 if device_id not in existing
             ]
             repo.add_all(new)
+            BindingRepository(session).add_all([_binding(d.id, rows[d.id][3]) for d in new])
             result = ImportResult(added=len(new), unchanged=len(rows) - len(new))
             if new:
                 audit.append(
@@ -342,12 +349,10 @@ class DeviceService:
         return result
 
     @staticmethod
-    def _parse_csv(
-        text: str, source: str
-    ) -> tuple[dict[str, tuple[int, str | None, str | None]], list[str]]:
+    def _parse_csv(text: str, source: str) -> tuple[dict[str, _Row], list[str]]:
         reader = csv.reader(io.StringIO(text))
         errors: list[str] = []
-        rows: dict[str, tuple[int, str | None, str | None]] = {}
+        rows: dict[str, _Row] = {}
         try:
             header = next(reader, None)
         except csv.Error as e:
@@ -358,7 +363,8 @@ class DeviceService:
         unknown = [c for c in columns if c not in CSV_COLUMNS]
         if unknown or "id" not in columns or len(set(columns)) != len(columns):
             raise bad_request(
-                f"{source}: line 1: header must name id and optionally model, batch "
+                f"{source}: line 1: header must name id and optionally model, batch, "
+                "manufacturer "
                 f"(got {','.join(columns)})"
             )
         try:
@@ -374,16 +380,18 @@ class DeviceService:
                     device_id = _check_id(fields["id"].strip())
                     model = _check_attr("model", fields.get("model"))
                     batch = _check_attr("batch", fields.get("batch"))
+                    maker = (fields.get("manufacturer") or "").strip() or None
+                    maker = bindings.manufacturer_fingerprint(maker) if maker else None
                 except PKIError as e:
                     errors.append(f"line {line}: {e.message}")
                     continue
                 seen = rows.get(device_id)
-                if seen is not None and seen[1:] != (model, batch):
+                if seen is not None and seen[1:] != (model, batch, maker):
                     errors.append(
                         f"line {line}: device {device_id} also on line {seen[0]} with other data"
                     )
                     continue
-                rows.setdefault(device_id, (line, model, batch))
+                rows.setdefault(device_id, (line, model, batch, maker))
         except csv.Error as e:
             errors.append(f"line {reader.line_num}: {e}")
         return rows, errors

@@ -41,6 +41,11 @@ class LoginThrottle:
             repo = AuthFailureRepository(session)
             return repo.locked([(ANY_DEVICE, address), (device_key, address)], now)
 
+    def prune(self, now: datetime.datetime) -> int:
+        """Deletes counters that neither lock nor count any more (idle for a whole window)."""
+        with session_scope(self.db) as session:
+            return AuthFailureRepository(session).prune(now - self.window)
+
     def fail(self, device_key: str, address: str, now: datetime.datetime) -> None:
         """Counts one failure for the address and for (device ID, address)."""
         counters = (

@@ -301,6 +301,10 @@ class BindingRepository:
         self.session.flush()
         return binding
 
+    def add_all(self, bindings: Sequence[DeviceBinding]) -> None:
+        self.session.add_all(bindings)
+        self.session.flush()
+
 
 class ApprovalRepository:
     """ApprovalRepository stores requests that wait for an operator."""

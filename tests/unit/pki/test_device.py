@@ -303,6 +303,21 @@ class TestSecrets:
         assert _count(db, AuthFailure) == rows_before
         assert devices.authenticate("D-1", new.secret, address="198.51.100.8").device_id == "D-1"
 
+    def test_stale_counters_are_pruned(
+        self, db: Database, devices: DeviceService, clock: FixedClock
+    ) -> None:
+        for i in range(3):
+            with pytest.raises(PKIError):
+                devices.authenticate(f"GONE-{i}", "wrong", address="192.0.2.9")
+        assert devices.throttle.prune(clock.now()) == 0  # still counting
+        clock.advance(datetime.timedelta(minutes=5))
+        with pytest.raises(PKIError):
+            devices.authenticate("GONE-0", "wrong", address="192.0.2.9")
+        clock.advance(datetime.timedelta(minutes=6))
+        # GONE-1 and GONE-2 idle for a window; GONE-0 and the address counted 6 minutes ago.
+        assert devices.throttle.prune(clock.now()) == 2
+        assert _count(db, AuthFailure) == 2
+
     def test_unknown_id_costs_what_a_known_one_costs(
         self, db: Database, devices: DeviceService, monkeypatch: pytest.MonkeyPatch
     ) -> None:
