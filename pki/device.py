@@ -405,6 +405,12 @@ class DeviceService:
             binding = BindingRepository(session).find(device_id)
             return _info(device, failure, active[0] if active else None, binding)
 
+    def find(self, device_id: str) -> DeviceInfo | None:
+        """Returns a registered device, or None: one read, no secrets or failure counts."""
+        with self.db.read_session() as session:
+            device = DeviceRepository(session).find(device_id)
+            return None if device is None else _info(device, None, None)
+
     def list(
         self,
         *,
@@ -447,15 +453,19 @@ class DeviceService:
         device_id: str,
         *,
         actor: str,
+        labels: Sequence[str] | None = None,
         may_redraw: bool = False,
         reason: str | None = None,
     ) -> NewSecret:
-        """Draws a new one-time secret for a device; any unused older one stops working.
+        """Draws a new one-time secret for a device, valid on `labels` (None: the default label).
 
-        A secret for a device that has enrolled would let its holder take the device's
-        identity over: it is drawn only with `may_redraw` (the admin role, the pki command)
-        and a reason, which the audit event records.
+        Any unused older secret of the device stops working. A secret for a device that has
+        enrolled would let its holder take the device's identity over: it is drawn only with
+        `may_redraw` (the admin role, the pki command) and a reason, which the audit event
+        records.
         """
+        if labels is not None and (not labels or any("," in label for label in labels)):
+            raise bad_request("a secret needs at least one label, and label names have no ','")
         now = self.clock.now()
         secret = secrets.token_urlsafe(SECRET_BYTES)
         hashed = hash_secret(secret)
@@ -491,6 +501,7 @@ class DeviceService:
                     created_at=now,
                     expires_at=expires_at,
                     used_at=None,
+                    labels=",".join(labels) if labels is not None else None,
                 )
             )
             AuthFailureRepository(session).reset(device_id)
@@ -503,10 +514,17 @@ class DeviceService:
                 details={
                     "expires_at": expires_at.isoformat(),
                     "replaced": replaced,
+                    "labels": list(labels) if labels is not None else None,
                     **({"reason": (reason or "").strip()[:200]} if redrawn else {}),
                 },
             )
         return NewSecret(device_id, secret, expires_at)
+
+    def secret_labels(self, secret_id: int) -> tuple[str, ...] | None:
+        """Returns the labels a secret is valid on; None means the default label only."""
+        with self.db.read_session() as session:
+            stored = SecretRepository(session).labels_of(secret_id)
+        return None if stored is None else tuple(stored.split(","))
 
     def authenticate(self, device_id: str, secret: str, *, address: str = "") -> Authenticated:
         """Checks a device's one-time secret without spending it; failures are throttled.

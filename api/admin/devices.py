@@ -45,6 +45,14 @@ def _csv_of(devices: list[Any]) -> str:
     return out.getvalue()
 
 
+def _labels(body: dict[str, Any]) -> list[str]:
+    """Reads the labels a secret is for: {"labels": [...]} or {"label": "..."}; none: default."""
+    labels = body.get("labels", [body["label"]] if "label" in body else [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise bad_request("labels must be a list of EST label names")
+    return labels
+
+
 def add_device_routes(
     bp: Blueprint,
     runtime: Runtime,
@@ -80,17 +88,24 @@ def add_device_routes(
         For a device that has enrolled, only an admin may, with a "reason" in the body.
         """
         ident = identity(PROVISIONERS)
-        reason = json_body().get("reason") if request.content_length else None
+        body = json_body() if request.content_length else {}
+        reason = body.get("reason")
         if reason is not None and not isinstance(reason, str):
             raise bad_request("reason must be a string")
+        labels = est.secret_labels(_labels(body))
         secret = devices.new_secret(
-            device_id, actor=ident.actor, may_redraw=ident.role is Role.ADMIN, reason=reason
+            device_id,
+            actor=ident.actor,
+            labels=labels,
+            may_redraw=ident.role is Role.ADMIN,
+            reason=reason,
         )
         return jsonify(
             {
                 "device_id": secret.device_id,
                 "secret": secret.secret,
                 "expires_at": secret.expires_at.isoformat(),
+                "labels": list(labels),
             }
         )
 
