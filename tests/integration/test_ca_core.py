@@ -156,8 +156,27 @@ class TestKeysStayInToken:
         assert info["extractable"] is False
         assert info["always_sensitive"] is True and info["never_extractable"] is True
         assert info["token"] is True
+        assert info["modifiable"] is False and info["destroyable"] is False
         assert info["private_value_readable"] is False
         assert "Sensitive" in info["token_says"]
+
+    @pytest.mark.parametrize("object_type", ["privkey", "pubkey"])
+    def test_ca_key_cannot_be_destroyed_or_changed_with_user_pin(
+        self, dev_ca: DevCA, object_type: str
+    ) -> None:
+        token, pin_file = "pki-dev", "secrets/hsm-user.pin"
+        destroyed = dev_ca.pkcs11_tool(
+            token, pin_file, "--delete-object", "--type", object_type, "--label", "root-ca"
+        )
+        assert destroyed.returncode != 0, destroyed.stdout
+        changed = dev_ca.pkcs11_tool(
+            token, pin_file, "--set-id", "0102", "--type", object_type, "--label", "root-ca"
+        )
+        assert changed.returncode != 0, changed.stdout
+        listed = dev_ca.pkcs11_tool(token, pin_file, "--list-objects", "--type", object_type)
+        assert listed.stdout.count("label:      root-ca\n") == 1
+        # The key is still whole: the CA still signs with it.
+        assert dev_ca.pki("ceremony", "ocsp-signer", "--issuer", "root").returncode == 0
 
     def test_no_key_material_outside_token_store(self, dev_ca: DevCA) -> None:
         token_store = dev_ca.data_dir / "tokens"
