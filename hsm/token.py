@@ -24,6 +24,7 @@ from hsm.errors import (
     HSMError,
     HSMErrorKind,
     from_pkcs11,
+    is_outage,
 )
 from hsm.keys import HSMECPrivateKey, HSMPrivateKey, HSMRSAPrivateKey
 from hsm.uri import PKCS11URI
@@ -506,8 +507,8 @@ class Token:
 
     def _failed(self, error: HSMError) -> None:
         """Drops the session pool after an outage, so the next use re-initialises the module."""
-        if error.kind is not HSMErrorKind.UNAVAILABLE:
-            return  # a wrong key name or a bad argument says nothing about the token
+        if not is_outage(error):
+            return  # a wrong key name or a refused attribute says nothing about the token
         library = self._library
         library.states.pop(self.label, None)
         library.broken = True
