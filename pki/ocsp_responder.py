@@ -65,6 +65,9 @@ KeyLoader = Callable[[str], CertificateIssuerPrivateKeyTypes]
 
 # Signer certificates are looked up again this often, so a renewed signer is picked up.
 SIGNER_RELOAD = datetime.timedelta(minutes=5)
+# A signer whose key could not be loaded (the token away) is tried again this soon; the
+# token's own back-off keeps the attempts cheap.
+SIGNER_RETRY = datetime.timedelta(seconds=2)
 # The hash algorithm of pre-signed CertIDs: what OpenSSL and most clients send.
 PRESIGN_HASH = "sha1"
 
@@ -111,7 +114,10 @@ class OCSPQuery:
 
     request: OCSPRequestInfo
     issuer_id: str
-    signer: OCSPSigner
+    matcher: IssuerMatcher
+    # None while the issuer's signer key cannot be used (the token is away): stored
+    # responses are still served, live signing answers tryLater.
+    signer: OCSPSigner | None
     # For each CertID of the request: whether it names this issuer.
     owned: tuple[bool, ...]
 
@@ -176,6 +182,7 @@ class SignerSet:
                 matchers[issuer_id] = IssuerMatcher(x509.load_der_x509_certificate(cert_der))
         signers: dict[str, OCSPSigner] = {}
         problems: dict[str, str] = {}
+        unusable = False
         for issuer_id, (cert_der, key_uri) in newest.items():
             matcher = matchers.get(issuer_id)
             if matcher is None:
@@ -191,13 +198,14 @@ class SignerSet:
             except Exception as exc:  # a token or config problem leaves this issuer unsigned
                 log.error("OCSP signer of %s unavailable: %s", issuer_id, exc)
                 problems[issuer_id] = str(exc)
+                unusable = True
         for issuer_id in matchers:
             if issuer_id not in signers and issuer_id not in problems:
                 problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
         self._due = min(
-            [now + self.reload_every]
+            [now + (SIGNER_RETRY if unusable else self.reload_every)]
             + [s.responder_cert.not_valid_after_utc for s in signers.values()]
         )
 
@@ -243,7 +251,7 @@ class PresignedSource:
         if cert_id.serial <= 0 or cert_id.hash_algorithm != PRESIGN_HASH:
             return None
         # The client checks that the response's CertID is the one it sent (RFC 6960 §3.2).
-        if query.signer.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
+        if query.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
             return None
         now = self.clock.now()
         stored = self.responses.find(query.issuer_id, serial_hex(cert_id.serial), now)
@@ -291,6 +299,8 @@ class LiveSource:
         self.states = CertificateStates(db)
 
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+        if query.signer is None:
+            return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
         now = self.clock.now()
         request = query.request
         wanted = [
@@ -340,10 +350,10 @@ class OCSPResponder:
                 # query to this server" -- and no certificate here is ours to answer for.
                 return error_answer(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
             issuer_id = known[0]
+            matcher = self.signers.matchers()[issuer_id]
             signer = self.signers.signer(issuer_id)
-            if signer is None:
-                return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
-            query = OCSPQuery(request, issuer_id, signer, tuple(i == issuer_id for i in issuers))
+            owned = tuple(i == issuer_id for i in issuers)
+            query = OCSPQuery(request, issuer_id, matcher, signer, owned)
             for source in self.sources:
                 answer = source.answer(query)
                 if answer is not None:
