@@ -45,6 +45,8 @@ CERT_TYPE = "application/pkix-cert"
 MAX_OCSP_REQUEST = 16 * 1024
 # CRLs and CA certificates change rarely but must not be cached past nextUpdate.
 MAX_CRL_AGE = 3600
+# nextUpdate of the throw-away response /healthz signs (it must be after thisUpdate).
+HEALTH_PROBE_VALIDITY = datetime.timedelta(minutes=1)
 
 
 class VA:
@@ -141,11 +143,13 @@ def live_signing(va: VA) -> dict[str, str]:
             report[issuer_id] = signers.problems.get(issuer_id, "no OCSP signer")
             continue
         # Serial 1 with status unknown: nothing is stored and nothing is sent.
-        probe = SingleAnswer(signer.matcher.cert_id(1, "sha256"), CertStatus.unknown(), now, now)
+        cert_id = signer.matcher.cert_id(1)
+        probe = SingleAnswer(cert_id, CertStatus.unknown(), now, now + HEALTH_PROBE_VALIDITY)
         try:
             build_response(signer, [probe], now)
         except Exception as exc:
-            if domain_error(exc) is None:
+            error = domain_error(exc)
+            if error is None or error.kind is not ErrorKind.UNAVAILABLE:
                 raise
             report[issuer_id] = f"unavailable: {exc}"
             continue
