@@ -121,7 +121,7 @@ def _probe(name: str, check: Callable[[], None]) -> str:
         if domain_error(e) is None:
             log.exception("health check of the %s failed", name)
         else:
-            log.warning("health check: %s unavailable: %s", name, e)
+            log.warning("health check: %s unavailable: %s", name, errors.describe(e))
         return "unavailable"
     return "ok"
 

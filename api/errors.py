@@ -42,9 +42,8 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
     """Builds the response for a domain error: JSON for APIs, text/plain for EST clients."""
     status = status_for(error)
     if status == 503:
-        # One line per refused request, with the cause's first line (the driver's or the
-        # token's words, never a statement or its parameters); no traceback.
-        log.warning("%s %s: %s%s", request.method, request.path, error.message, _cause(error))
+        # One line per refused request and no traceback.
+        log.warning("%s %s: %s", request.method, request.path, describe(error))
     # Internal and configuration errors say no more than that: details go to the log.
     message = error.message if status < 500 or status == 503 else "internal error"
     if plain:
@@ -59,12 +58,15 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
     return response
 
 
-def _cause(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    """One line for the log: the error and the first line of its cause (the driver's or the
+    token's words, never a statement or its parameters)."""
+    text = error.message if isinstance(error, PKIError) else str(error)
     cause = error.__cause__
     if cause is None:
-        return ""
+        return text
     lines = str(cause).strip().splitlines()
-    return f" ({type(cause).__name__}: {lines[0] if lines else ''})"
+    return f"{text} ({type(cause).__name__}: {lines[0] if lines else ''})"
 
 
 def install(app: Flask, *, plain: bool = False, translate: Translate | None = None) -> None:

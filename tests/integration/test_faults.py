@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ from pki.clock import SystemClock
 from pki.device import DeviceService
 from pki.store import Database
 from tests.csrs import der, device_csr
-from tests.integration.conftest import DevCA
+from tests.integration.conftest import PKI, DevCA, free_port
 from tests.integration.test_va_support import (
     DeviceCert,
     VAServer,
@@ -277,3 +280,166 @@ def test_terminated_and_refused_database_connections(
         assert status_of(ask_ocsp(ca, va, good, nonce=True)) == "good"
         assert enroll(ca, front, registry.new()).status_code == 200
     assert_no_traceback(*_va_logs(tmp_path))
+
+
+# Counts the PIN logins (python-pkcs11 Token.open with a PIN, i.e. C_Login) of every process
+# started with it on PYTHONPATH: one line with the process ID per login.
+LOGIN_SPY = """
+import os
+
+import hsm.token
+
+_find_token = hsm.token._Library.find_token
+
+
+class _Spied:
+    def __init__(self, token):
+        self._token = token
+
+    def open(self, **kwargs):
+        if "user_pin" in kwargs:
+            with open(os.environ["FAULTS_LOGIN_LOG"], "a") as log:
+                log.write(f"{os.getpid()}\\n")
+        return self._token.open(**kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._token, name)
+
+
+def _spied_find_token(self, label):
+    return _Spied(_find_token(self, label))
+
+
+hsm.token._Library.find_token = _spied_find_token
+"""
+
+
+def test_wrong_pin_is_tried_once_per_worker(dev_ca: DevCA, tmp_path: Path) -> None:
+    ca = dev_ca
+    (ca.data_dir / "secrets" / "hsm-user.pin").write_text("wrong-0000\n")
+    spy_dir = tmp_path / "spy"
+    spy_dir.mkdir()
+    (spy_dir / "sitecustomize.py").write_text(LOGIN_SPY)
+    logins = tmp_path / "logins"
+    logins.touch()
+    env = ca.env | {
+        "PYTHONPATH": os.pathsep.join([str(spy_dir), os.environ.get("PYTHONPATH", "")]),
+        "FAULTS_LOGIN_LOG": str(logins),
+    }
+    port = free_port()
+    url = f"https://127.0.0.1:{port}"
+    log_path = tmp_path / "ca-front-wrong-pin.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [PKI, "serve", "ca", "--bind", f"127.0.0.1:{port}", "--workers", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        # Both workers have booted (and tried their PIN) once two processes logged in.
+        deadline = time.monotonic() + 60
+        while len(set(logins.read_text().split())) < 2:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        answers = []
+        while len(answers) < 20:
+            assert time.monotonic() < deadline, log_path.read_text()
+            with contextlib.suppress(requests.ConnectionError):
+                answers.append(front_get(ca, url, "/healthz"))
+        assert [a.status_code for a in answers] == [503] * 20
+        assert {a.json()["token"] for a in answers} == {"unavailable"}
+        refused = enroll(ca, url, ("NOPIN-0001", "secret"))
+        assert refused.status_code in (401, 503), refused.text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    pids = logins.read_text().split()
+    assert len(pids) == 2 and len(set(pids)) == 2, pids
+    assert "wrong-0000" not in log_path.read_text()
+    assert_no_traceback(log_path)
+
+
+def _unwritable_front(
+    config_dir: Path, data_dir: Path, env: dict[str, str], pragma: str, device: tuple[str, str]
+) -> dict[str, object]:
+    """Runs in a fresh process (SoftHSM reads its configuration once per process): the CA
+    front app through Flask's test client, every database connection opened with `pragma`."""
+    import logging
+
+    from sqlalchemy import event
+
+    from api.app_ca import create_ca_app
+    from api.runtime import Runtime
+
+    records: list[tuple[str, str, bool]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((record.levelname, record.getMessage(), record.exc_info is not None))
+
+    logging.getLogger().addHandler(Keep())
+    logging.getLogger().setLevel(logging.INFO)
+    runtime = Runtime.open(config_dir, data_dir, environ=env)
+    client = create_ca_app(runtime).test_client()
+    operator = runtime.environ["FAULTS_OPERATOR"]
+
+    def on_connect(dbapi_conn: object, _record: object) -> None:
+        cur = dbapi_conn.cursor()  # type: ignore[attr-defined]
+        cur.execute(pragma)
+        cur.close()
+
+    runtime.db.engine.dispose()
+    event.listen(runtime.db.engine, "connect", on_connect)
+    csr, _ = device_csr(device[0])
+    credentials = base64.b64encode(f"{device[0]}:{device[1]}".encode()).decode()
+    responses = {
+        "healthz": client.get("/healthz"),
+        "est": client.post(
+            f"{EST}/simpleenroll",
+            data=base64.b64encode(der(csr)),
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {credentials}"},
+        ),
+        "admin": client.get(
+            "/api/v1/certificates/01", headers={"Authorization": f"Bearer {operator}"}
+        ),
+    }
+    return {
+        "status": {name: r.status_code for name, r in responses.items()},
+        "retry_after": {name: r.headers.get("Retry-After") for name, r in responses.items()},
+        "healthz": responses["healthz"].get_json(),
+        "records": records,
+    }
+
+
+@pytest.mark.parametrize("registry", ["dev_ca"], indirect=True)
+def test_read_only_sqlite_answers_503(dev_ca: DevCA, registry: Devices) -> None:
+    operator = admin_token(dev_ca, "operator")
+    device = registry.new()
+    registry.db.dispose()
+    env = dev_ca.env | {"FAULTS_OPERATOR": operator}
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        result = pool.submit(
+            _unwritable_front,
+            dev_ca.config_dir,
+            dev_ca.data_dir,
+            env,
+            "PRAGMA query_only = ON",
+            device,
+        ).result(timeout=120)
+    assert result["status"] == {"healthz": 503, "est": 503, "admin": 503}
+    assert result["healthz"] == {"status": "degraded", "database": "unavailable", "token": "ok"}
+    retry_after = result["retry_after"]
+    assert isinstance(retry_after, dict)
+    assert int(retry_after["est"]) > 0 and int(retry_after["admin"]) > 0
+    records = result["records"]
+    assert isinstance(records, list)
+    # One line per refused request, none with a traceback.
+    assert not [r for r in records if r[2]]
+    lines = [r[1] for r in records if r[0] != "INFO"]
+    assert len(lines) == 3, records
+    assert lines[0].startswith("health check: database unavailable")
+    assert lines[1].startswith("POST /.well-known/est/simpleenroll: database unavailable")
+    assert lines[2].startswith("GET /api/v1/certificates/01: database unavailable")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import datetime
 import shutil
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,3 +181,46 @@ def test_little_free_space_fails_the_sqlite_write_check(
     with pytest.raises(PKIError, match="disk full") as caught:
         sqlite_db.check_write()
     assert caught.value.kind is ErrorKind.UNAVAILABLE
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs to fill up (needs the right to mount, as root in a container)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_full_disk_fails_writes_and_the_write_check(small_disk: Path) -> None:
+    db = Database(f"sqlite:///{small_disk / 'pki.db'}")
+    try:
+        db.upgrade()
+        _add_issuer(db)
+        db.check_write()
+        filler = small_disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 65536)
+        with pytest.raises(PKIError) as checked:
+            db.check_write()
+        assert checked.value.kind is ErrorKind.UNAVAILABLE
+        with pytest.raises(PKIError) as written, session_scope(db) as session:
+            for n in range(2000):
+                audit.append(
+                    session, at=NOW, actor="test", action="fill", target="x" * 500 + str(n)
+                )
+        assert written.value.kind is ErrorKind.UNAVAILABLE
+        filler.unlink()
+        db.check_write()
+    finally:
+        db.dispose()
