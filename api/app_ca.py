@@ -14,12 +14,14 @@ from flask import Flask, Response, jsonify
 
 from api import admin, errors
 from api.est.views import create_blueprint
+from api.refusals import est_refusal_hook
 from api.runtime import Runtime, domain_error
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig, load_anchors, load_est_config
 from pki.issuer import Issuer
+from pki.refusal import RefusalRecorder
 from pki.revocation import RevocationService
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,14 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
     if warm:
         _warm(issuers, sorted({label.issuer for label in est.labels.values()}))
 
-    errors.install(app, plain=True, translate=domain_error)
+    refusals = RefusalRecorder(runtime.db, runtime.clock)
+    errors.install(
+        app,
+        plain=True,
+        observe=est_refusal_hook(refusals, est.proxy_networks(), est.proxy_cert_header),
+        translate=domain_error,
+    )
+
     app.register_blueprint(create_blueprint(service, est))
 
     @app.get("/healthz")

@@ -69,11 +69,20 @@ def describe(error: BaseException) -> str:
     return f"{text} ({type(cause).__name__}: {lines[0] if lines else ''})"
 
 
-def install(app: Flask, *, plain: bool = False, translate: Translate | None = None) -> None:
-    """Maps PKIError, and what `translate` turns into one, to responses for every view."""
+def install(
+    app: Flask,
+    *,
+    plain: bool = False,
+    observe: Callable[[PKIError], None] | None = None,
+    translate: Translate | None = None,
+) -> None:
+    """Maps PKIError, and what `translate` turns into one, to responses for every view of an
+    app; `observe` sees each error first."""
 
     @app.errorhandler(PKIError)
     def _handle(error: PKIError) -> Response:
+        if observe is not None:
+            observe(error)
         if status_for(error) >= 500 and status_for(error) != 503:
             app.logger.error("request failed: %s", error.message)
         return error_response(error, plain=plain)

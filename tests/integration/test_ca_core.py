@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from pki import lint
 from pki.serial import serial_hex
@@ -24,6 +24,7 @@ from pki.store import (
     IssuerRecord,
     session_scope,
 )
+from pki.store.models import AuditCheckpoint, AuditHead
 from tests.csrs import device_csr
 from tests.integration.conftest import PKI, DevCA
 
@@ -109,6 +110,7 @@ class TestDevHierarchy:
             ca.cert("devices.pem"),
             ca.cert("root-ocsp.pem"),
             ca.cert("devices-ocsp.pem"),
+            ca.cert("audit.pem"),
             ca.data_dir / "tls" / "server.pem",
             tmp_path / "dev.pem",
         ]
@@ -146,6 +148,42 @@ class TestDevHierarchy:
         result = dev_ca.pki("audit", "verify", check=False)
         assert result.returncode == 1
         assert "event 2" in result.stderr
+
+    def test_audit_export_verifies_offline_and_catches_wipe(
+        self, dev_ca: DevCA, tmp_path: Path
+    ) -> None:
+        dev_ca.pki("audit", "checkpoint")
+        exported = tmp_path / "audit.jsonl"
+        dev_ca.pki("audit", "export", "--out", str(exported))
+        cert = tmp_path / "audit.pem"
+        cert.write_bytes(dev_ca.cert("audit.pem").read_bytes())
+        # A third party: no configuration, no data directory, no token, no database.
+        offline_env = {k: v for k, v in os.environ.items() if not k.startswith(("PKI_", "SOFT"))}
+        offline_env["PKI_CONFIG_DIR"] = str(tmp_path / "absent-config")
+        offline_env["PKI_DATA_DIR"] = str(tmp_path / "absent-data")
+        verify = ("audit", "verify", "--file", str(exported), "--cert", str(cert))
+        assert "intact" in dev_ca.pki(*verify, env=offline_env).stdout
+        data = bytearray(exported.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        exported.write_bytes(bytes(data))
+        assert dev_ca.pki(*verify, env=offline_env, check=False).returncode != 0
+        assert not (tmp_path / "absent-data").exists()
+
+        dev_ca.pki("audit", "export", "--out", str(exported))
+        db = Database(dev_ca.db_url())
+        with session_scope(db) as s:
+            s.execute(delete(AuditEvent))
+            s.execute(delete(AuditCheckpoint))
+            s.execute(delete(AuditHead))
+        db.dispose()
+        result = dev_ca.pki("audit", "verify", "--checkpoints", str(exported), check=False)
+        assert result.returncode == 1
+        assert "broken at event 1:" in result.stderr
+
+    def test_audit_checkpoint_if_due(self, dev_ca: DevCA) -> None:
+        # pki init ends with a checkpoint; nothing is due right after it.
+        assert dev_ca.pki("audit", "checkpoint", "--if-due").stdout == ""
+        assert "audit checkpoint at event" in dev_ca.pki("audit", "checkpoint").stdout
 
 
 class TestKeysStayInToken:
