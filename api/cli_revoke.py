@@ -15,7 +15,7 @@ from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
-from pki.crl_publisher import CRLPublisher
+from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
 from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
@@ -216,11 +216,17 @@ def register(group: click.Group) -> None:
             )
             published = job.published
             if job.offline:
-                # An offline root signs its CRL in a ceremony; the file is imported here.
+                # An offline root signs its CRL in a ceremony, and the file is imported here.
+                hint = "the issuer key is not in this token: sign it where the key is and import it"
+                if job.why is None:  # asked for by hand
+                    raise PKIError(ErrorKind.NOT_FOUND, f"{issuer_id}: {hint} (pki crl import)")
+                if job.why == PERIOD_ELAPSED:
+                    # The period paces CRLs signed here; an imported one is due only before
+                    # its nextUpdate or after a revocation.
+                    click.echo(f"{issuer_id}: not due (key offline, CRL imported)")
+                    continue
                 click.echo(
-                    f"{issuer_id}: CRL due ({job.why or 'requested'}) but the issuer key is not "
-                    f"in this token: sign it where the key is and import it (pki crl import)",
-                    err=True,
+                    f"{issuer_id}: CRL due ({job.why}) but {hint} (pki crl import)", err=True
                 )
                 continue
             if published is None:

@@ -43,6 +43,8 @@ class EnrollmentSecret(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+    # The EST labels it is valid on, comma-separated; NULL: the default label only.
+    labels: Mapped[str | None] = mapped_column(String(1024))
 
 
 class EnrollMethod(enum.Enum):

@@ -566,10 +566,7 @@ class CRLRepository:
         marker: int,
     ) -> CRLRecord:
         """Reserves the next CRL number of the issuer; raises CRLNumberClash when raced."""
-        highest = self.session.execute(
-            select(func.max(CRLRecord.crl_number)).where(CRLRecord.issuer_id == issuer_id)
-        ).scalar_one_or_none()
-        number = int(highest or 0) + 1
+        number = self.highest_number(issuer_id) + 1
         record = CRLRecord(
             issuer_id=issuer_id,
             crl_number=number,
@@ -588,6 +585,45 @@ class CRLRepository:
         except IntegrityError:
             raise CRLNumberClash(issuer_id, number) from None
         return record
+
+    def add_signed(
+        self,
+        issuer_id: str,
+        *,
+        crl_number: int,
+        this_update: datetime.datetime,
+        next_update: datetime.datetime,
+        entries: int,
+        crl_der: bytes,
+        marker: int,
+        created_at: datetime.datetime,
+    ) -> CRLRecord:
+        """Stores a full CRL signed elsewhere; raises CRLNumberClash when its number is taken."""
+        record = CRLRecord(
+            issuer_id=issuer_id,
+            crl_number=crl_number,
+            is_delta=False,
+            base_number=None,
+            this_update=this_update,
+            next_update=next_update,
+            entries=entries,
+            crl_der=crl_der,
+            created_at=created_at,
+            marker=marker,
+        )
+        self.session.add(record)
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise CRLNumberClash(issuer_id, crl_number) from None
+        return record
+
+    def highest_number(self, issuer_id: str) -> int:
+        """Returns the issuer's highest CRL number, reserved or signed (0 when none)."""
+        highest = self.session.execute(
+            select(func.max(CRLRecord.crl_number)).where(CRLRecord.issuer_id == issuer_id)
+        ).scalar_one_or_none()
+        return int(highest or 0)
 
     def get(self, record_id: int) -> CRLRecord:
         record = self.session.get(CRLRecord, record_id)
