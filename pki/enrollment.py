@@ -22,19 +22,20 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from pki import idevid as idevids
 from pki import serverkeygen
 from pki.clock import Clock
 from pki.config import ConfigSet, ProfileConfig
 from pki.csr import CertificateRequest, check_request, load_csr, subject_text
-from pki.device import Authenticated, DeviceService, forbidden, unauthorized
+from pki.device import BAD_SECRET, Authenticated, DeviceService, forbidden, unauthorized
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
+from pki.idevid import IDevID
 from pki.issuer import IssuanceService, Issuer
+from pki.naming import DeviceRecord, first_difference, named_request
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
 from pki.serverkeygen import ServerGeneratedKey
@@ -86,11 +87,41 @@ class ApprovalPending:
 
 
 @dataclasses.dataclass(frozen=True)
+class PendingRequest:
+    """PendingRequest is a request waiting for approval: who asks for what, with which key."""
+
+    approval_id: int
+    device_id: str
+    label: str
+    operation: str
+    subject: str  # what the CSR asks for, RFC 4514
+    key_sha256: str  # SHA-256 of the CSR's SubjectPublicKeyInfo, hex
+    since: datetime.datetime
+
+
+def _pending_request(row: PendingApproval) -> PendingRequest:
+    csr = x509.load_der_x509_csr(row.csr_der)
+    spki = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PendingRequest(
+        approval_id=row.id,
+        device_id=row.device_id,
+        label=row.label,
+        operation=row.operation,
+        subject=subject_text(csr.subject),
+        key_sha256=hashlib.sha256(spki).hexdigest(),
+        since=row.created_at,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class _Who:
     device_id: str
     method: Method
     secret: Authenticated | None = None
     register: bool = False
+    idevid: IDevID | None = None
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -119,6 +150,7 @@ class EnrollmentService:
         devices: DeviceService,
         revocation: RevocationService,
         anchors: Mapping[str, Sequence[x509.Certificate]] | None = None,
+        intermediates: Mapping[str, Sequence[x509.Certificate]] | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -129,6 +161,7 @@ class EnrollmentService:
         self.devices = devices
         self.revocation = revocation
         self.anchors = dict(anchors or {})
+        self.intermediates = dict(intermediates or {})
 
     # --- read-only operations ---------------------------------------------------------
 
@@ -178,16 +211,22 @@ class EnrollmentService:
             raise forbidden(f"label {name} does not allow re-enrollment")
         record_serial, device_id, current = self._our_current_certificate(cfg, identity)
         csr = load_csr(csr_der)
-        request = self._request_for(csr, cfg, device_id)
+        profile = self.config.profile(cfg.profile)
+        asked = self._checked_csr(csr, profile, device_id)
         # RFC 7030 4.2.2: "The Subject field and SubjectAltName extension MUST be identical
-        # to the corresponding fields in the certificate being renewed/rekeyed."
-        if request.subject != current.subject:
+        # to the corresponding fields in the certificate being renewed/rekeyed." The CA
+        # writes both, so a CSR may leave names out, but it never asks for other ones.
+        problem = first_difference(asked, current.subject, tuple(_sans(current)))
+        if problem is not None:
             raise forbidden(
-                f"CSR subject {subject_text(request.subject)} differs from the current "
-                f"certificate's {subject_text(current.subject)}"
+                f"the CSR differs from the current certificate "
+                f"({subject_text(current.subject)}): {problem}"
             )
-        if set(request.sans) != _sans(current):
-            raise forbidden("CSR subjectAltName differs from the current certificate's")
+        if profile.identity is not None:
+            # The names come from the registry, whatever the current certificate says: one
+            # issued before the CA wrote the names is renewed with the right ones.
+            asked = dataclasses.replace(asked, subject=x509.Name([]), sans=())
+        request = self._named(asked, profile, device_id)
         who = _Who(device_id=device_id, method="reenroll")
         enrolled = self._issue(name, cfg, who, request, csr_der)
         log.info("device %s re-enrolled, superseding %s", device_id, record_serial)
@@ -226,32 +265,31 @@ class EnrollmentService:
 
     # --- approvals --------------------------------------------------------------------
 
-    def approve(self, device_id: str, *, actor: str) -> int:
-        """Approves every request of a device that waits for approval; returns how many."""
+    def approve(self, approval_id: int, *, actor: str) -> PendingRequest:
+        """Approves one waiting request by its ID; the client's next retry gets the certificate."""
         now = self.clock.now()
         with session_scope(self.db) as session:
-            rows = ApprovalRepository(session).by_state(ApprovalState.PENDING, device_id)
-            if not rows:
-                raise not_found(f"device {device_id} has no request waiting for approval")
-            for row in rows:
-                row.state = ApprovalState.APPROVED
-                row.decided_at = now
-                row.decided_by = actor
-                audit.append(
-                    session,
-                    at=now,
-                    actor=actor,
-                    action="enrollment.approved",
-                    target=device_id,
-                    details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
-                )
-            return len(rows)
+            row = ApprovalRepository(session).find_by_id(approval_id, for_update=True)
+            if row is None or row.state is not ApprovalState.PENDING:
+                raise not_found(f"no request {approval_id} waiting for approval")
+            row.state = ApprovalState.APPROVED
+            row.decided_at = now
+            row.decided_by = actor
+            audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="enrollment.approved",
+                target=row.device_id,
+                details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
+            )
+            return _pending_request(row)
 
-    def pending_approvals(self) -> list[tuple[int, str, str, str, datetime.datetime]]:
-        """Lists requests waiting for approval: (id, device, label, operation, since)."""
-        with session_scope(self.db) as session:
+    def pending_approvals(self) -> list[PendingRequest]:
+        """Lists requests waiting for approval, with what each asks for."""
+        with self.db.read_session() as session:
             rows = ApprovalRepository(session).by_state(ApprovalState.PENDING)
-            return [(r.id, r.device_id, r.label, r.operation, r.created_at) for r in rows]
+            return [_pending_request(r) for r in rows]
 
     # --- superseding ------------------------------------------------------------------
 
@@ -293,42 +331,48 @@ class EnrollmentService:
     def _authenticate_initial(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> _Who:
         # RFC 7030 3.3.2: a client certificate that the server cannot use for this label does
         # not stop HTTP-based client authentication.
+        refused: PKIError | None = None
         if "idevid" in cfg.auth and identity.has_certificate:
-            device_id = self._idevid_device_id(name, cfg, identity)
-            if device_id is not None:
-                return _Who(device_id=device_id, method="idevid", register=True)
+            try:
+                idevid = self._idevid(name, cfg, identity)
+            except PKIError as e:
+                refused = e
+            else:
+                register = cfg.idevid_auto_register
+                self.devices.check_binding(idevid.device_id, idevid, register=register)
+                return _Who(idevid.device_id, "idevid", register=register, idevid=idevid)
         if "basic" in cfg.auth and identity.basic is not None:
-            auth = self.devices.authenticate(identity.basic.username, identity.basic.password)
-            return _Who(device_id=auth.device_id, method="basic", secret=auth)
-        if identity.has_certificate and "idevid" in cfg.auth:
-            raise forbidden(
-                f"the client certificate is not from a manufacturer label {name} trusts"
+            auth = self.devices.authenticate(
+                identity.basic.username, identity.basic.password, address=identity.address
             )
+            self._check_secret_label(name, auth)
+            return _Who(device_id=auth.device_id, method="basic", secret=auth)
+        if refused is not None:
+            raise refused
         if "basic" in cfg.auth:
             raise unauthorized("authentication required: device ID and one-time secret")
         raise unauthorized(f"label {name} needs a client certificate")
 
-    def _idevid_device_id(
-        self, name: str, cfg: LabelConfig, identity: ClientIdentity
-    ) -> str | None:
-        leaf = identity.leaf()
-        now = self.clock.now()
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            return None
-        issuers = list(self.anchors.get(name, ()))
-        # A manufacturer intermediate the client sent counts if an anchor issued it.
-        for intermediate in identity.intermediates():
-            if any(_issued_by(intermediate, anchor) for anchor in issuers):
-                issuers.append(intermediate)
-        if not any(_issued_by(leaf, issuer) for issuer in issuers):
-            return None
-        oid = (
-            NameOID.SERIAL_NUMBER if cfg.idevid_device_id == "serialNumber" else NameOID.COMMON_NAME
+    def _check_secret_label(self, name: str, auth: Authenticated) -> None:
+        # A secret drawn for a label with manual approval must not buy a certificate on a
+        # label without it: a secret is valid on the labels it was drawn for, and one drawn
+        # before secrets had labels on the default label only.
+        labels = self.devices.secret_labels(auth.secret_id)
+        allowed = labels if labels is not None else (self.est.default_label,)
+        if name not in allowed:
+            # The answer of a wrong secret: on another label it is not a secret at all.
+            raise unauthorized(BAD_SECRET)
+
+    def _idevid(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> IDevID:
+        # The chain as the client sent it (leaf first) and the label's configured
+        # intermediates; the path must end at one of this label's anchors.
+        return idevids.identify(
+            [identity.leaf(), *identity.intermediates()],
+            self.anchors.get(name, ()),
+            self.intermediates.get(name, ()),
+            self.clock.now(),
+            cfg.idevid_device_id,
         )
-        attrs = leaf.subject.get_attributes_for_oid(oid)
-        if not attrs:
-            raise forbidden(f"the manufacturer certificate has no subject {cfg.idevid_device_id}")
-        return str(attrs[0].value)
 
     def _our_current_certificate(
         self, cfg: LabelConfig, identity: ClientIdentity
@@ -348,6 +392,11 @@ class EnrollmentService:
                 raise forbidden("the client certificate was not issued by this CA")
             status, device_id, profile = record.status, record.device_id, record.profile
             not_after = record.not_after
+            # Re-enrollment is by the device's current certificate only: not by one that a
+            # newer certificate superseded and that a grace period still leaves unrevoked.
+            issued = CertificateRepository(session).issued_of_device(device_id or "")
+            newest = [r.serial_hex for r in issued if r.profile == profile][-1:]
+            superseded = bool(newest) and newest[0] != serial
         if status is CertificateStatus.REVOKED:
             raise forbidden(f"the client certificate {serial} is revoked")
         if status is not CertificateStatus.ISSUED:
@@ -356,6 +405,8 @@ class EnrollmentService:
             raise forbidden(f"the client certificate {serial} has expired")
         if device_id is None:
             raise forbidden("the client certificate is not a device certificate")
+        if superseded:
+            raise forbidden(f"the client certificate {serial} is superseded by a newer one")
         if profile != cfg.profile:
             raise forbidden(f"the client certificate has profile {profile}, not {cfg.profile}")
         return serial, device_id, leaf
@@ -363,13 +414,32 @@ class EnrollmentService:
     def _request_for(
         self, csr: x509.CertificateSigningRequest, cfg: LabelConfig, device_id: str
     ) -> CertificateRequest:
-        request = check_request(csr, self.config.profile(cfg.profile))
+        profile = self.config.profile(cfg.profile)
+        return self._named(self._checked_csr(csr, profile, device_id), profile, device_id)
+
+    def _checked_csr(
+        self, csr: x509.CertificateSigningRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        request = check_request(csr, profile)
         if request.device_id != device_id:
             raise forbidden(
                 f"the CSR names device {request.device_id}, but the client authenticated "
                 f"as device {device_id}"
             )
         return request
+
+    def _named(
+        self, request: CertificateRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        # DESIGN.md invariant 3: the subject and SAN come from the registry record of the
+        # authenticated device; the CSR can only repeat them.
+        if profile.identity is None:
+            return request
+        found = self.devices.find(device_id)
+        record = DeviceRecord(device_id)
+        if found is not None:
+            record = DeviceRecord(device_id, found.model, found.batch)
+        return named_request(request, profile, record)
 
     def _recipient(self, identity: ClientIdentity, key_id: bytes) -> x509.Certificate:
         # RFC 7030 4.4.1.2: the AsymmetricDecryptKeyIdentifier names the client's key; the
@@ -441,6 +511,7 @@ class EnrollmentService:
                 who.device_id,
                 who.secret.secret_id if who.secret is not None else None,
                 register=who.register,
+                idevid=who.idevid,
             )
             session = session_of(record)
             if digest is not None and who.method != "reenroll":
@@ -470,13 +541,3 @@ class EnrollmentService:
             chain=chain,
             method=who.method,
         )
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True

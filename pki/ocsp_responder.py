@@ -65,9 +65,11 @@ KeyLoader = Callable[[str], CertificateIssuerPrivateKeyTypes]
 
 # Signer certificates are looked up again this often, so a renewed signer is picked up.
 SIGNER_RELOAD = datetime.timedelta(minutes=5)
-# A signer whose key could not be loaded (the token away) is tried again this soon; the
+# An issuer without a usable signer (revoked, not renewed yet) is looked up again this soon.
+SIGNER_RETRY = datetime.timedelta(seconds=10)
+# A signer whose key could not be opened (the token away) is tried again sooner; the
 # token's own back-off keeps the attempts cheap.
-SIGNER_RETRY = datetime.timedelta(seconds=2)
+KEY_RETRY = datetime.timedelta(seconds=2)
 # The hash algorithm of pre-signed CertIDs: what OpenSSL and most clients send.
 PRESIGN_HASH = "sha1"
 
@@ -204,10 +206,13 @@ class SignerSet:
                 problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
-        self._due = min(
-            [now + (SIGNER_RETRY if unusable else self.reload_every)]
-            + [s.responder_cert.not_valid_after_utc for s in signers.values()]
-        )
+        due = [now + self.reload_every]
+        due += [s.responder_cert.not_valid_after_utc for s in signers.values()]
+        if problems:
+            due.append(now + SIGNER_RETRY)
+        if unusable:
+            due.append(now + KEY_RETRY)
+        self._due = min(due)
 
     def refresh(self, *, force: bool = False) -> None:
         """Reloads issuers and signers when due (or forced)."""
@@ -290,16 +295,46 @@ def _answers(
 
 
 class LiveSource:
-    """LiveSource signs a response now from the certificates table; it always answers."""
+    """LiveSource signs a response now from the certificates table; it always answers.
 
-    def __init__(self, db: Database, clock: Clock, config: OCSPResponderConfig) -> None:
+    Before it signs it looks up its signer's own certificate row (one indexed lookup): a
+    signer revoked since the signer set was loaded is never used (invariant 5); the set is
+    reloaded at once, which leaves revoked signers out, and the answer is signed by the next
+    valid signer, or is `tryLater` when there is none yet."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        config: OCSPResponderConfig,
+        signers: SignerSet | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.config = config
+        self.signers = signers
         self.states = CertificateStates(db)
 
-    def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+    def _usable(self, issuer_id: str, signer: OCSPSigner) -> bool:
+        serial = serial_hex(signer.responder_cert.serial_number)
+        state = self.states.by_serials(issuer_id, [serial]).get(serial)
+        return state is not None and state.status is CertificateStatus.ISSUED
+
+    def _signer(self, query: OCSPQuery) -> OCSPSigner | None:
         if query.signer is None:
+            return None  # no signer key can be opened now: tryLater
+        if self.signers is None or self._usable(query.issuer_id, query.signer):
+            return query.signer
+        log.warning("OCSP signer of %s is no longer valid: reloading signers", query.issuer_id)
+        self.signers.refresh(force=True)
+        signer = self.signers.signer(query.issuer_id)
+        if signer is None or not self._usable(query.issuer_id, signer):
+            return None
+        return signer
+
+    def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+        signer = self._signer(query)
+        if signer is None:
             return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
         now = self.clock.now()
         request = query.request
@@ -310,9 +345,7 @@ class LiveSource:
         ]
         states = self.states.by_serials(query.issuer_id, wanted)
         answers, extended = _answers(request.cert_ids, query.owned, states, now, self.config)
-        der = build_response(
-            query.signer, answers, now, nonce=request.nonce, extended_revoke=extended
-        )
+        der = build_response(signer, answers, now, nonce=request.nonce, extended_revoke=extended)
         next_update = min(a.next_update for a in answers)
         return OCSPAnswer(der, "live", now, next_update, cacheable=request.nonce is None)
 
@@ -334,7 +367,7 @@ class OCSPResponder:
     ) -> OCSPResponder:
         """Builds the usual chain: pre-signed store, then live signer."""
         cfg = config or OCSPResponderConfig()
-        return cls(signers, [PresignedSource(db, clock), LiveSource(db, clock, cfg)])
+        return cls(signers, [PresignedSource(db, clock), LiveSource(db, clock, cfg, signers)])
 
     def respond(self, request_der: bytes) -> OCSPAnswer:
         """Answers one DER OCSPRequest; errors become unsigned error responses; RFC 6960 §2.3."""
@@ -446,9 +479,7 @@ class OCSPPresigner:
                 return count
             records = [r for r in (self._sign(signer, s) for s in states) if r is not None]
             with session_scope(self.db) as session:
-                repo = OCSPResponseRepository(session)
-                for record in records:
-                    repo.put(record)
+                OCSPResponseRepository(session).put_all(records)
             count += len(records)
             after_id = states[-1].certificate_id
 

@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import email.parser
 import email.policy
+import http.client
 import shutil
 import socket
 import ssl
@@ -32,7 +33,7 @@ from pki.store.enrollment_models import EnrollmentSecret
 from tests.conftest import CONFIG_DIR, drop_postgres_database, fresh_postgres_database
 from tests.csrs import der, device_csr
 from tests.integration.conftest import PKI, DevCA, free_port, make_dev_ca
-from tests.integration.tls_pki import Issued, make_ca
+from tests.integration.tls_pki import Issued, make_ca, with_chain
 
 HOST = "127.0.0.1"
 EST = "/.well-known/est"
@@ -44,6 +45,7 @@ issuer = "devices"
 profile = "device"
 auth = ["idevid", "reenroll"]
 manufacturer_anchors = ["manufacturers/acme.pem"]
+idevid_auto_register = true
 """
 
 
@@ -69,10 +71,11 @@ class CAFront:
     def devices(self) -> DeviceService:
         return DeviceService(self.db(), SystemClock())
 
-    def register(self, device_id: str) -> str:
+    def register(self, device_id: str, *labels: str) -> str:
         """Registers a device with the CLI and returns a fresh one-time secret."""
         self.ca.pki("device", "add", device_id, "--model", "test")
-        return self.ca.pki("device", "secret", device_id, "--stdout").stdout.strip()
+        options = [arg for label in labels for arg in ("--label", label)]
+        return self.ca.pki("device", "secret", device_id, "--stdout", *options).stdout.strip()
 
     def snapshot(self) -> tuple[int, int, list[str]]:
         """Counts what an error must not change: certificates, audit events, secret states."""
@@ -274,7 +277,7 @@ def _openssl_csr(work: Path, device_id: str, stem: str) -> tuple[Path, Path]:
     subprocess.run(
         [
             "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN=test device",
+            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN={device_id}",
             "-outform", "DER", "-out", str(csr_der),
         ],
         check=True,
@@ -303,6 +306,31 @@ def _curl(front: CAFront, *args: str) -> tuple[int, bytes]:
     )
     body, _, code = result.stdout.rpartition(b"\n")
     return int(code), body
+
+
+def _raw_enroll(
+    front: CAFront, source: str, user: str, password: str, body: bytes
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """POSTs simpleenroll from a given loopback source address; status, headers, body."""
+    context = ssl.create_default_context(cafile=front.cacert)
+    context.check_hostname = False
+    connection = http.client.HTTPSConnection(
+        HOST, front.port, context=context, source_address=(source, 0), timeout=60
+    )
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    try:
+        connection.request(
+            "POST",
+            f"{EST}/simpleenroll",
+            body=body,
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"},
+        )
+        response = connection.getresponse()
+        content = response.read()
+        headers = sorted((k.lower(), v) for k, v in response.getheaders() if k.lower() != "date")
+        return response.status, headers, content
+    finally:
+        connection.close()
 
 
 def _write_pem(path: Path, cert: x509.Certificate) -> Path:
@@ -430,16 +458,21 @@ class TestEnroll:
         assert codes == [200] + [401] * 7
         assert front.snapshot()[0] == before + 1
 
-    def test_repeated_failures_lock_the_device_out(self, front: CAFront) -> None:
+    def test_failures_from_one_address_never_lock_out_another(self, front: CAFront) -> None:
         secret = front.register("LOCK-0001")
         body, _ = _b64_csr("LOCK-0001")
+        # Another address is throttled only by its own failures.
+        before = _raw_enroll(front, "127.0.0.2", "NO-SUCH-DEVICE", "guess", body)
         for _ in range(5):
-            r = front.post(f"{EST}/simpleenroll", body, auth=("LOCK-0001", "guess"))
-            assert r.status_code == 401
-        r = front.post(f"{EST}/simpleenroll", body, auth=("LOCK-0001", secret))
-        assert r.status_code == 401
-        assert "locked" in r.text
+            known = _raw_enroll(front, "127.0.0.1", "LOCK-0001", "guess", body)
+        locked = _raw_enroll(front, "127.0.0.1", "LOCK-0001", secret, body)
+        unknown = _raw_enroll(front, "127.0.0.1", "NO-SUCH-DEVICE", "guess", body)
         assert '"locked_until": "' in front.ca.pki("device", "show", "LOCK-0001").stdout
+        # Unknown, known with a wrong secret, locked out: the same bytes on the wire.
+        assert before[0] == 401 and before[2] == b"" and ("content-length", "0") in before[1]
+        assert known == locked == unknown == before
+        status, _, _ = _raw_enroll(front, "127.0.0.2", "LOCK-0001", secret, body)
+        assert status == 200
 
     @staticmethod
     def _csv(front: CAFront) -> Path:
@@ -603,6 +636,45 @@ class TestIDevID:
             )
         assert front.snapshot() == before
 
+    def test_idevid_through_a_manufacturer_intermediate(self, front: CAFront) -> None:
+        # The client sends leaf + intermediate; the app sees both (Python 3.11 included) and
+        # builds the path to the label's anchor itself.
+        sub = make_ca(front.work, "acme-sub", "Acme Device Sub-CA", front.manufacturer)
+        idevid = with_chain(_idevid(front.work, sub, "ACME-0100", "acme-0100"), sub)
+        r = front.post(
+            f"{EST}/factory/simpleenroll",
+            _b64_csr("ACME-0100")[0],
+            cert=(str(idevid.cert_path), str(idevid.key_path)),
+        )
+        assert r.status_code == 200, r.text
+        shown = front.ca.pki("device", "show", "ACME-0100").stdout
+        assert '"enroll_method": "idevid"' in shown
+
+    @pytest.mark.parametrize("flaw", ["expired", "not-ca"])
+    def test_bad_manufacturer_intermediate_refused(self, front: CAFront, flaw: str) -> None:
+        expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+        sub = make_ca(
+            front.work,
+            f"acme-{flaw}",
+            f"Acme {flaw} Sub-CA",
+            front.manufacturer,
+            ca=flaw != "not-ca",
+            not_after=expired if flaw == "expired" else None,
+        )
+        idevid = with_chain(_idevid(front.work, sub, "ACME-0101", f"acme-{flaw}-0101"), sub)
+        before = front.snapshot()
+        try:
+            r = front.post(
+                f"{EST}/factory/simpleenroll",
+                _b64_csr("ACME-0101")[0],
+                cert=(str(idevid.cert_path), str(idevid.key_path)),
+            )
+        except requests.exceptions.ConnectionError:
+            pass  # the TLS layer refused the chain before the app saw it
+        else:
+            assert r.status_code == 403, r.text
+        assert front.snapshot() == before
+
     def test_idevid_serial_mismatch_403(self, front: CAFront) -> None:
         idevid = _idevid(front.work, front.manufacturer, "ACME-0002", "acme-0002")
         before = front.snapshot()
@@ -635,15 +707,27 @@ class TestServerKeyGen:
 
 class TestApproval:
     def test_manual_approval_202_then_issued(self, front: CAFront) -> None:
-        secret = front.register("APP-0001")
+        secret = front.register("APP-0001", "approval")
         body, _ = _b64_csr("APP-0001")
+        # The secret is valid on the approval label only: no way around the approval.
+        r = front.post(f"{EST}/simpleenroll", body, auth=("APP-0001", secret))
+        assert r.status_code == 401, r.text
         path = f"{EST}/approval/simpleenroll"
         for _ in range(2):
             r = front.post(path, body, auth=("APP-0001", secret))
             assert r.status_code == 202, r.text
             assert int(r.headers["Retry-After"]) > 0
-        assert "APP-0001" in front.ca.pki("enrollment", "pending").stdout
-        front.ca.pki("enrollment", "approve", "APP-0001")
+        pending = front.ca.pki("enrollment", "pending").stdout.splitlines()
+        assert len(pending) == 1 and "APP-0001" in pending[0], pending
+        request_id = pending[0].split()[0]
+        assert "serialNumber=APP-0001" in pending[0] and "key-sha256:" in pending[0]
+        wrong = front.ca.pki("enrollment", "approve", "APP-0001", check=False)
+        assert wrong.returncode == 2, wrong.stderr
+        unknown = front.ca.pki(
+            "device", "secret", "APP-0001", "--stdout", "--label", "nope", check=False
+        )
+        assert unknown.returncode == 3 and "nope" in unknown.stderr, unknown.stderr
+        front.ca.pki("enrollment", "approve", request_id)
         r = front.post(path, body, auth=("APP-0001", secret))
         assert r.status_code == 200, r.text
         assert len(_certs_of(r.content)) == 1
