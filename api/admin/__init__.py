@@ -99,15 +99,21 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         ident: AdminIdentity | None = g.get("admin_identity")
         if ident is not None and response.status_code not in (401, 403):
             now = runtime.clock.now()
-            with session_scope(runtime.db) as session:
-                audit.append(
-                    session,
-                    at=now,
-                    actor=ident.actor,
-                    action="admin.call",
-                    target=f"{request.method} {request.path}"[:512],
-                    details={"role": ident.role.value, "status": response.status_code},
-                )
+            try:
+                with session_scope(runtime.db) as session:
+                    audit.append(
+                        session,
+                        at=now,
+                        actor=ident.actor,
+                        action="admin.call",
+                        target=f"{request.method} {request.path}"[:512],
+                        details={"role": ident.role.value, "status": response.status_code},
+                    )
+            except PKIError as error:
+                # A call that cannot be audited is answered as failed, never as a 500.
+                if error.kind is not ErrorKind.UNAVAILABLE:
+                    raise
+                response = error_response(error)
         response.headers["Cache-Control"] = "no-store"
         return response
 
