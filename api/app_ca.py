@@ -49,7 +49,7 @@ class RuntimeIssuers:
                 error = domain_error(e)
                 if error is None:
                     raise
-                log.error("cannot open issuer %s: %s", issuer_id, e)
+                # Logged once, by whoever answers the error (one line per request).
                 raise PKIError(ErrorKind.UNAVAILABLE, "the CA's token is unavailable") from e
 
     def ping_token(self) -> None:
@@ -162,7 +162,7 @@ def _warm(issuers: RuntimeIssuers, issuer_ids: list[str]) -> None:
         try:
             issuers.issuer(issuer_id)
         except PKIError as e:
-            log.error("issuer %s not ready: %s", issuer_id, e.message)
+            log.error("issuer %s not ready: %s", issuer_id, errors.describe(e))
 
 
 def app_from_environ() -> Flask:

@@ -160,7 +160,11 @@ def live_signing(va: VA) -> dict[str, str]:
 def decode_get(encoded: str) -> bytes | None:
     """Decodes the GET form: base64 of the DER, URL-encoded; RFC 6960 Appendix A.1."""
     # Some clients leave '+' unescaped and proxies turn it into a space.
-    text = encoded.replace(" ", "+").strip("/")
+    text = encoded.replace(" ", "+").lstrip("/")
+    # A slash appended after the base64 is dropped; a final "/" that is the base64's own last
+    # character (a length that is a multiple of 4) stays.
+    if text.endswith("/") and len(text) % 4 == 1:
+        text = text[:-1]
     if len(text) > MAX_OCSP_REQUEST * 2:
         return None
     text += "=" * (-len(text) % 4)
