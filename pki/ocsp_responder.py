@@ -67,6 +67,9 @@ KeyLoader = Callable[[str], CertificateIssuerPrivateKeyTypes]
 SIGNER_RELOAD = datetime.timedelta(minutes=5)
 # An issuer without a usable signer (revoked, not renewed yet) is looked up again this soon.
 SIGNER_RETRY = datetime.timedelta(seconds=10)
+# A signer whose key could not be opened (the token away) is tried again sooner; the
+# token's own back-off keeps the attempts cheap.
+KEY_RETRY = datetime.timedelta(seconds=2)
 # The hash algorithm of pre-signed CertIDs: what OpenSSL and most clients send.
 PRESIGN_HASH = "sha1"
 
@@ -114,7 +117,9 @@ class OCSPQuery:
     request: OCSPRequestInfo
     issuer_id: str
     matcher: IssuerMatcher
-    # None where no signer key is here: an offline root's answers are pre-signed and imported.
+    # None while the issuer's signer key cannot be used (the token is away, or an offline
+    # root whose answers are pre-signed and imported): stored responses are still served,
+    # live signing answers tryLater.
     signer: OCSPSigner | None
     # For each CertID of the request: whether it names this issuer.
     owned: tuple[bool, ...]
@@ -180,6 +185,7 @@ class SignerSet:
                 matchers[issuer_id] = IssuerMatcher(x509.load_der_x509_certificate(cert_der))
         signers: dict[str, OCSPSigner] = {}
         problems: dict[str, str] = {}
+        unusable = False
         for issuer_id, (cert_der, key_uri) in newest.items():
             matcher = matchers.get(issuer_id)
             if matcher is None:
@@ -195,16 +201,19 @@ class SignerSet:
             except Exception as exc:  # a token or config problem leaves this issuer unsigned
                 log.error("OCSP signer of %s unavailable: %s", issuer_id, exc)
                 problems[issuer_id] = str(exc)
+                unusable = True
         for issuer_id in matchers:
             if issuer_id not in signers and issuer_id not in problems:
                 problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
-        self._due = min(
-            [now + self.reload_every]
-            + [now + SIGNER_RETRY for _ in problems][:1]
-            + [s.responder_cert.not_valid_after_utc for s in signers.values()]
-        )
+        due = [now + self.reload_every]
+        due += [s.responder_cert.not_valid_after_utc for s in signers.values()]
+        if problems:
+            due.append(now + SIGNER_RETRY)
+        if unusable:
+            due.append(now + KEY_RETRY)
+        self._due = min(due)
 
     def refresh(self, *, force: bool = False) -> None:
         """Reloads issuers and signers when due (or forced)."""
@@ -314,7 +323,7 @@ class LiveSource:
 
     def _signer(self, query: OCSPQuery) -> OCSPSigner | None:
         if query.signer is None:
-            return None
+            return None  # no signer key can be opened now: tryLater
         if self.signers is None or self._usable(query.issuer_id, query.signer):
             return query.signer
         log.warning("OCSP signer of %s is no longer valid: reloading signers", query.issuer_id)
@@ -377,13 +386,10 @@ class OCSPResponder:
                 # query to this server" -- and no certificate here is ours to answer for.
                 return error_answer(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
             issuer_id = known[0]
-            query = OCSPQuery(
-                request,
-                issuer_id,
-                self.signers.matchers()[issuer_id],
-                self.signers.signer(issuer_id),
-                tuple(i == issuer_id for i in issuers),
-            )
+            matcher = self.signers.matchers()[issuer_id]
+            signer = self.signers.signer(issuer_id)
+            owned = tuple(i == issuer_id for i in issuers)
+            query = OCSPQuery(request, issuer_id, matcher, signer, owned)
             for source in self.sources:
                 answer = source.answer(query)
                 if answer is not None:

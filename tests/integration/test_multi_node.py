@@ -24,9 +24,8 @@ from pki.clock import SystemClock
 from pki.device import DeviceService
 from pki.store import Database, session_scope
 from pki.store.revocation_models import CRLRecord, RevocationEvent
-from tests.conftest import drop_postgres_database, fresh_postgres_database
 from tests.csrs import der, device_csr
-from tests.integration.conftest import PKI, DevCA, _copy_data_dir
+from tests.integration.conftest import PKI, DevCA
 from tests.integration.test_va_support import (
     VAServer,
     admin_token,
@@ -43,22 +42,6 @@ REVOKED = 50
 CLIENTS = 8
 EST = "/.well-known/est/simpleenroll"
 DEADLINE = 180.0
-
-
-@pytest.fixture
-def dev_ca_pg(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[DevCA]:
-    """A new demo CA on PostgreSQL (copied from the session's template database)."""
-    base = request.getfixturevalue("postgres_server")
-    template = request.getfixturevalue("_dev_ca_pg_template")
-    if base is None or template is None:
-        pytest.skip("PostgreSQL not configured (set PKI_TEST_POSTGRES_URL)")
-    template_ca, template_name = template
-    url, name = fresh_postgres_database(base, template=template_name)
-    try:
-        _copy_data_dir(template_ca, tmp_path / "ca")
-        yield DevCA(tmp_path / "ca", template_ca.config_dir, url)
-    finally:
-        drop_postgres_database(base, name)
 
 
 @contextlib.contextmanager
@@ -100,10 +83,11 @@ def crl_serials(va: VAServer) -> set[int]:
     return {e.serial_number for e in x509.load_der_x509_crl(r.content)}
 
 
+@pytest.mark.parametrize("dev_ca_any", ["postgres"], indirect=True)
 def test_two_fronts_two_vas_two_schedulers_on_one_database(
-    dev_ca_pg: DevCA, tmp_path: Path
+    dev_ca_any: DevCA, tmp_path: Path
 ) -> None:
-    ca = dev_ca_pg
+    ca = dev_ca_any
     secrets = register(ca)
     operator = admin_token(ca, "operator")
     issuer = x509.load_pem_x509_certificate(ca.cert("devices.pem").read_bytes())

@@ -5,13 +5,19 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import json
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from api.app_ca import create_ca_app
 from api.runtime import Runtime
+from api.tls import SSL_CLIENT_CERT, SSL_CLIENT_CERT_CHAIN
 from pki.clock import FixedClock
 from pki.refusal import RefusalRecorder
 from pki.store import AuditEvent, session_scope
@@ -58,6 +64,24 @@ def front(dev_ca: DevCA) -> Front:
     return Front(runtime, clock, create_ca_app(runtime).test_client())
 
 
+def _stranger_der() -> bytes:
+    """A self-signed certificate this CA never issued."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, "STRANGER-1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 class TestRefusalAudit:
     def test_refusal_flood_of_failed_logins_is_bounded_and_verifies(
         self, front: Front, dev_ca: DevCA
@@ -66,17 +90,24 @@ class TestRefusalAudit:
         flood = 40
         codes = [front.enroll("FLOOD-1", f"wrong-{i}", "127.0.0.7") for i in range(flood)]
         assert codes == [401] * flood
+        # The first 5 failures are failed logins, the rest throttled (est.toml max_failures):
+        # one event per kind while the minute lasts ...
         first = front.refusals()
         assert [(e.action, e.target, e.actor) for e in first] == [
-            ("refused.login", "FLOOD-1", "client:127.0.0.7")
+            ("refused.login", "FLOOD-1", "client:127.0.0.7"),
+            ("refused.throttle", "FLOOD-1", "client:127.0.0.7"),
         ]
-        # The minute ends; its count is written as one more event.
+        # ... and when it ends, one more per kind with its count.
         front.clock.advance(datetime.timedelta(minutes=1))
-        assert RefusalRecorder(front.runtime.db, front.clock).flush() == 1
-        events = front.refusals()
-        assert [e.action for e in events] == ["refused.login", "refused.login.repeated"]
-        assert f'"count":{flood}' in events[1].details
-        assert '"source":"127.0.0.7"' in events[1].details
+        assert RefusalRecorder(front.runtime.db, front.clock).flush() == 2
+        repeated = front.refusals()[2:]
+        assert sorted(e.action for e in repeated) == [
+            "refused.login.repeated",
+            "refused.throttle.repeated",
+        ]
+        counts = [json.loads(e.details)["count"] for e in repeated]
+        assert sum(counts) == flood and all(c > 1 for c in counts)
+        assert all(json.loads(e.details)["source"] == "127.0.0.7" for e in repeated)
         dev_ca.pki("audit", "checkpoint")
         verified = dev_ca.pki("audit", "verify")
         assert "audit log intact" in verified.stdout
@@ -98,3 +129,27 @@ class TestRefusalAudit:
         (event,) = front.refusals()
         assert (event.action, event.target) == ("refused.identity", "MINE-1")
         assert secret not in event.details
+
+    def test_refusal_reenroll_with_a_foreign_certificate_is_audited(self, front: Front) -> None:
+        stranger = _stranger_der()
+        r = front.client.post(
+            f"{EST}/simplereenroll",
+            data=base64.encodebytes(der(device_csr("STRANGER-1")[0])),
+            headers={"Content-Type": "application/pkcs10"},
+            environ_base={
+                "REMOTE_ADDR": "127.0.0.11",
+                SSL_CLIENT_CERT: stranger,
+                SSL_CLIENT_CERT_CHAIN: [stranger],
+            },
+        )
+        assert r.status_code in (401, 403)
+        (event,) = front.refusals()
+        assert (event.action, event.target) == ("refused.reenroll", "STRANGER-1")
+        assert event.actor == "client:127.0.0.11"
+
+    def test_refusal_throttled_login_is_its_own_kind(self, front: Front, dev_ca: DevCA) -> None:
+        dev_ca.pki("device", "add", "THROTTLE-1")
+        codes = [front.enroll("THROTTLE-1", "wrong", "127.0.0.12") for _ in range(12)]
+        assert codes == [401] * 12
+        kinds = {e.action for e in front.refusals()}
+        assert kinds == {"refused.login", "refused.throttle"}
