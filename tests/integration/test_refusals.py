@@ -6,12 +6,10 @@ import base64
 import dataclasses
 import datetime
 import json
+from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
@@ -23,6 +21,7 @@ from pki.refusal import RefusalRecorder
 from pki.store import AuditEvent, session_scope
 from tests.csrs import der, device_csr
 from tests.integration.conftest import DevCA
+from tests.integration.tls_pki import make_ca
 
 EST = "/.well-known/est"
 
@@ -62,24 +61,6 @@ def front(dev_ca: DevCA) -> Front:
     now = now.replace(second=10, microsecond=0)
     runtime.clock = clock = FixedClock(now)
     return Front(runtime, clock, create_ca_app(runtime).test_client())
-
-
-def _stranger_der() -> bytes:
-    """A self-signed certificate this CA never issued."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.SERIAL_NUMBER, "STRANGER-1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 class TestRefusalAudit:
@@ -130,8 +111,12 @@ class TestRefusalAudit:
         assert (event.action, event.target) == ("refused.identity", "MINE-1")
         assert secret not in event.details
 
-    def test_refusal_reenroll_with_a_foreign_certificate_is_audited(self, front: Front) -> None:
-        stranger = _stranger_der()
+    def test_refusal_reenroll_with_a_foreign_certificate_is_audited(
+        self, front: Front, tmp_path: Path
+    ) -> None:
+        # A certificate this CA never issued, named STRANGER-1.
+        made = make_ca(tmp_path, "stranger", "STRANGER-1", ca=False)
+        stranger = made.cert.public_bytes(serialization.Encoding.DER)
         r = front.client.post(
             f"{EST}/simplereenroll",
             data=base64.encodebytes(der(device_csr("STRANGER-1")[0])),
