@@ -85,6 +85,7 @@ def test_import_refuses_a_crl_without_a_revoked_certificate(setup: Setup) -> Non
         x509.ReasonFlags.key_compromise,
         actor="t",
         issuer_id="root",
+        allow_guarded=True,
     )
     assert setup.due() == "revocations since the last CRL"
     message = refused(setup, setup.root_crl(2), ErrorKind.CONFLICT)
