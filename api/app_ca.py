@@ -63,6 +63,7 @@ def device_service(runtime: Runtime, est: ESTConfig) -> DeviceService:
         secret_lifetime=est.secret_lifetime,
         max_failures=est.max_failures,
         lockout=est.lockout,
+        revocation=RevocationService(runtime.db, runtime.clock),
     )
 
 

@@ -3,8 +3,9 @@
 Each round runs, per issuer, what is due: a full CRL (period elapsed, or revocations
 older than the debounce delay), a delta CRL, OCSP-signer renewal (a third of the signer's
 validity before it ends) and OCSP pre-signing (responses past half their validity, and new
-certificates). A job that fails is reported and tried again next round; the scheduler
-itself keeps going.
+certificates); then the enrollment sweep (superseded certificates past their grace period,
+pending rows past their age). A job that fails is reported and tried again next round; the
+scheduler itself keeps going.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def register(group: click.Group) -> None:
                 delay_seconds=revocation_delay,
             )
             _run(ctx, group, ["ocsp", "presign"], issuer_id=None)
+            _run(ctx, group, ["enrollment", "sweep"])
             done += 1
             if rounds and done >= rounds:
                 return

@@ -16,6 +16,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+__all__ = ["Database", "Session", "alembic_config", "session_scope"]
+
 from pki.errors import ErrorKind, PKIError
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -43,6 +43,10 @@ class EnrollmentSecret(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+    # The certificate the secret bought: a retry with the same secret and key gets it again.
+    certificate_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("certificates.id")
+    )
 
 
 class AuthFailure(Base):

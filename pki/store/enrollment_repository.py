@@ -6,7 +6,7 @@ import dataclasses
 import datetime
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, object_session
 
@@ -37,6 +37,9 @@ class LoginState:
     locked_until: datetime.datetime | None
     # (secret id, stored hash, expiry) of each active secret, newest first.
     secrets: tuple[tuple[int, str, datetime.datetime], ...]
+    # (secret id, stored hash) of the newest spent secret that bought a certificate: its
+    # retry with the same key gets that certificate again.
+    spent: tuple[int, str] | None = None
 
 
 def login_state(session: Session, device_id: str) -> LoginState | None:
@@ -48,6 +51,7 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
             EnrollmentSecret.id,
             EnrollmentSecret.secret_hash,
             EnrollmentSecret.expires_at,
+            EnrollmentSecret.state,
         )
         .select_from(Device)
         .outerjoin(AuthFailure, AuthFailure.device_id == Device.id)
@@ -55,7 +59,13 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
             EnrollmentSecret,
             and_(
                 EnrollmentSecret.device_id == Device.id,
-                EnrollmentSecret.state == SecretState.ACTIVE,
+                or_(
+                    EnrollmentSecret.state == SecretState.ACTIVE,
+                    and_(
+                        EnrollmentSecret.state == SecretState.USED,
+                        EnrollmentSecret.certificate_id.is_not(None),
+                    ),
+                ),
             ),
         )
         .where(Device.id == device_id)
@@ -64,10 +74,12 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
     rows = session.execute(query).all()
     if not rows:
         return None
+    spent = next(((r[2], r[3]) for r in rows if r[5] is SecretState.USED), None)
     return LoginState(
         state=rows[0][0],
         locked_until=rows[0][1],
-        secrets=tuple((r[2], r[3], r[4]) for r in rows if r[2] is not None),
+        secrets=tuple((r[2], r[3], r[4]) for r in rows if r[5] is SecretState.ACTIVE),
+        spent=spent,
     )
 
 
@@ -155,7 +167,12 @@ class SecretRepository:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
-    def consume(self, secret_id: int, now: datetime.datetime) -> bool:
+    def get(self, secret_id: int) -> EnrollmentSecret | None:
+        return self.session.get(EnrollmentSecret, secret_id)
+
+    def consume(
+        self, secret_id: int, now: datetime.datetime, certificate_id: int | None = None
+    ) -> bool:
         """Marks a secret used if it still is active; False when another request got it first."""
         # One conditional UPDATE: of two transactions racing for one secret, the second
         # waits on the row lock and then matches no row (PostgreSQL), or waits for the
@@ -165,10 +182,19 @@ class SecretRepository:
             .where(EnrollmentSecret.id == secret_id)
             .where(EnrollmentSecret.state == SecretState.ACTIVE)
             .where(EnrollmentSecret.expires_at > now)
-            .values(state=SecretState.USED, used_at=now)
+            .values(state=SecretState.USED, used_at=now, certificate_id=certificate_id)
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0) == 1
+
+    def delete_of_device(self, device_id: str) -> int:
+        """Deletes every secret of a device (hashes included); returns how many there were."""
+        result = self.session.execute(
+            delete(EnrollmentSecret)
+            .where(EnrollmentSecret.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 class AuthFailureRepository:
@@ -196,6 +222,15 @@ class AuthFailureRepository:
             # Another failure for the same device created the row first.
             row = self.session.execute(query).scalar_one()
         return row
+
+    def delete(self, device_id: str) -> bool:
+        """Deletes a device's failure record; True if it had one."""
+        result = self.session.execute(
+            delete(AuthFailure)
+            .where(AuthFailure.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0) > 0
 
     def reset(self, device_id: str) -> None:
         """Clears a device's failure count and lock-out, if it has any (one UPDATE)."""
@@ -244,3 +279,12 @@ class ApprovalRepository:
         if device_id is not None:
             query = query.where(PendingApproval.device_id == device_id)
         return self.session.execute(query.order_by(PendingApproval.id)).scalars().all()
+
+    def delete_of_device(self, device_id: str) -> int:
+        """Deletes every request of a device (their CSRs included); returns how many."""
+        result = self.session.execute(
+            delete(PendingApproval)
+            .where(PendingApproval.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
