@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
-from api import cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
+from api import cli_audit, cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
 from pki.errors import ErrorKind, PKIError
 from pki.issuer import IssuanceHook, Issued
 from pki.serial import parse_serial, serial_hex
-from pki.store import CertificateStatus, audit, session_scope
+from pki.store import CertificateStatus, session_scope
 from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
 
 EXIT_CODES = {
@@ -124,13 +124,7 @@ def db_upgrade(ctx: click.Context) -> None:
 
 def _generate(rt: Runtime, label: str, key_type: str, *, reuse: bool = False) -> Any:
     if reuse:
-        # A dev bootstrap that stopped after making a key but before certifying it
-        # picks the key up again instead of failing on the existing label.
-        try:
-            return rt.token.load_key(label)
-        except hsm.HSMError as e:
-            if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
-                raise
+        return rt.reuse_or_generate_key(label, key_type, actor=_actor())
     return rt.generate_key(label, key_type, actor=_actor())
 
 
@@ -347,11 +341,14 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     for issuer_id, c in rt.config.ca.issuers.items():
         if c.ocsp_signer_key_label and not (dev_dir / "certs" / f"{issuer_id}-ocsp.pem").exists():
             _ceremony_ocsp_signer(rt, issuer_id, "ec-p256")
+    if not rt.path(rt.config.ca.audit.certificate).exists():
+        cli_audit.audit_signer(rt)
     if not (dev_dir / "tls" / "server.pem").exists():
         server = issue_server_certificate(rt, ["127.0.0.1"], dev_dir / "tls")
         click.echo(f"TLS server certificate for 127.0.0.1: serial {serial_hex(server.serial)}")
     chain = [rt.issuer(i).certificate for i in _chain_order(rt)]
     _write_pem(dev_dir / "certs" / "chain.pem", chain)
+    cli_audit.checkpoint(rt)
     click.echo(f"demo hierarchy ready in {dev_dir}")
 
 
@@ -502,45 +499,7 @@ def key_show(ctx: click.Context, label: str) -> None:
     click.echo(json.dumps(info, indent=2))
 
 
-# --- audit ----------------------------------------------------------------------------
-
-
-@main.group("audit")
-def audit_group() -> None:
-    """The hash-chained audit log."""
-
-
-@audit_group.command("verify")
-@click.pass_context
-def audit_verify(ctx: click.Context) -> None:
-    """Check the whole audit chain; name the first edited or deleted event."""
-    rt = _runtime(ctx)
-    with session_scope(rt.db) as session:
-        result = audit.verify(session)
-    if result.ok:
-        click.echo(f"audit log intact: {result.events} events")
-        return
-    fail(
-        f"audit log broken at event {result.broken_seq}: {result.problem} "
-        f"({result.events} events verified before it)",
-        1,
-    )
-
-
-@audit_group.command("list")
-@click.option("--last", default=20, show_default=True, type=click.IntRange(1, 100000))
-@click.pass_context
-def audit_list(ctx: click.Context, last: int) -> None:
-    """Show the newest audit events."""
-    rt = _runtime(ctx)
-    with session_scope(rt.db) as session:
-        for ev in audit.recent(session, last):
-            click.echo(
-                f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {ev.actor:<20} {ev.action:<22} "
-                f"{ev.target} {ev.details}"
-            )
-
-
+cli_audit.register(main, ceremony)
 cli_enroll.register(main)
 cli_revoke.register(main)
 cli_broker.register(main)

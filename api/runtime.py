@@ -109,6 +109,17 @@ class Runtime:
             )
         return key
 
+    def reuse_or_generate_key(self, label: str, key_type: str, *, actor: str) -> hsm.HSMPrivateKey:
+        """Returns the token's key `label`, generating it only if the token has none."""
+        # A ceremony that stopped after making a key but before certifying it picks the key
+        # up again instead of making a second one.
+        try:
+            return self.token.load_key(label)
+        except hsm.HSMError as e:
+            if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
+                raise
+        return self.generate_key(label, key_type, actor=actor)
+
     def ocsp_config(self) -> OCSPResponderConfig:
         """Returns the OCSP windows from ca.toml [revocation]."""
         r = self.config.ca.revocation

@@ -237,6 +237,7 @@ class Token:
         # module must be opened in each worker, after the fork.
         self._library = _library_for(module_path)
         self._keys: dict[str, HSMPrivateKey] = {}
+        self._destroyable_supported = True
 
     def __repr__(self) -> str:
         return f"Token(module_path={self.module_path!r}, token_label={self.label!r})"
@@ -262,8 +263,16 @@ class Token:
                     HSMErrorKind.EXISTS, f"token {self.label!r} already holds a key {label!r}"
                 )
             common = {Attribute.TOKEN: True, Attribute.LABEL: label, Attribute.ID: key_id}
+            # PKCS#11 3.0 common storage attributes: "CKA_MODIFIABLE ... CK_FALSE if object is
+            # read-only" and "CKA_DESTROYABLE ... CK_FALSE if the object cannot be destroyed".
+            # With both false a stolen user PIN can neither relabel a CA key nor destroy it;
+            # a module that does not know CKA_DESTROYABLE gets the template without it.
+            protection: dict[Attribute, Any] = {Attribute.MODIFIABLE: False}
+            if self._destroyable_supported:
+                protection[Attribute.DESTROYABLE] = False
             public_template: dict[Attribute, Any] = {
                 **common,
+                **protection,
                 Attribute.PRIVATE: False,
                 Attribute.VERIFY: True,
                 Attribute.ENCRYPT: False,
@@ -274,6 +283,7 @@ class Token:
             # CKA_ALWAYS_SENSITIVE and CKA_NEVER_EXTRACTABLE true for the key's life.
             private_template: dict[Attribute, Any] = {
                 **common,
+                **protection,
                 Attribute.PRIVATE: True,
                 Attribute.SENSITIVE: True,
                 Attribute.EXTRACTABLE: False,
@@ -288,17 +298,27 @@ class Token:
                 mechanism = Mechanism.EC_KEY_PAIR_GEN
             else:
                 mechanism = Mechanism.RSA_PKCS_KEY_PAIR_GEN
-            public, private = state.session.generate_keypair(
-                spec.key_type,
-                spec.bits,
-                store=True,
-                label=label,
-                id=key_id,
-                capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
-                mechanism=mechanism,
-                public_template=public_template,
-                private_template=private_template,
-            )
+            while True:
+                try:
+                    public, private = state.session.generate_keypair(
+                        spec.key_type,
+                        spec.bits,
+                        store=True,
+                        label=label,
+                        id=key_id,
+                        capabilities=MechanismFlag.SIGN | MechanismFlag.VERIFY,
+                        mechanism=mechanism,
+                        public_template=public_template,
+                        private_template=private_template,
+                    )
+                    break
+                except p11.AttributeTypeInvalid:
+                    # CKA_DESTROYABLE is PKCS#11 2.40 and later; an older module refuses it.
+                    if Attribute.DESTROYABLE not in private_template:
+                        raise
+                    self._destroyable_supported = False
+                    public_template.pop(Attribute.DESTROYABLE)
+                    private_template.pop(Attribute.DESTROYABLE)
             state.handles[(label, key_id)] = private
             return self._wrap(label, key_id, spec.key_type, public)
 
@@ -335,12 +355,19 @@ class Token:
             "never_extractable": Attribute.NEVER_EXTRACTABLE,
             "sign": Attribute.SIGN,
             "decrypt": Attribute.DECRYPT,
+            "modifiable": Attribute.MODIFIABLE,
         }
 
         def read(state: _TokenState) -> dict[str, bool]:
             handle = self._private_handle(state, key.label, key.key_id)
             values = handle.get_attributes(list(names.values()))
-            return {name: bool(values[attribute]) for name, attribute in names.items()}
+            found = {name: bool(values[attribute]) for name, attribute in names.items()}
+            try:
+                found["destroyable"] = bool(handle[Attribute.DESTROYABLE])
+            except p11.AttributeTypeInvalid:
+                # A module older than PKCS#11 2.40 has no CKA_DESTROYABLE: every object is.
+                found["destroyable"] = True
+            return found
 
         return self._run(f"read attributes of key {label!r}", read)
 

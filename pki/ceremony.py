@@ -193,9 +193,34 @@ class CeremonyService:
     ) -> Issued:
         """Issues a delegated OCSP responder certificate for a key in the token."""
         self._check_profile(profile, "ocsp-signer", key)
+        return self._signer(issuer, profile, key, "OCSP", key_uri=key_uri, actor=actor)
+
+    def audit_signer(
+        self,
+        issuer: Issuer,
+        profile: ProfileConfig,
+        key: CertificateIssuerPrivateKeyTypes,
+        *,
+        key_uri: str,
+        actor: str,
+    ) -> Issued:
+        """Issues the certificate of the audit key, which signs audit checkpoints only."""
+        self._check_profile(profile, "end-entity", key)
+        return self._signer(issuer, profile, key, "Audit", key_uri=key_uri, actor=actor)
+
+    def _signer(
+        self,
+        issuer: Issuer,
+        profile: ProfileConfig,
+        key: CertificateIssuerPrivateKeyTypes,
+        role: str,
+        *,
+        key_uri: str,
+        actor: str,
+    ) -> Issued:
         names = issuer.certificate.subject.get_attributes_for_oid(SUBJECT_OIDS["CN"])
         base = str(names[0].value) if names else issuer.issuer_id
-        cn = f"{base[:40]} OCSP {_stamp(self.issuance)}"
+        cn = f"{base[:40]} {role} {_stamp(self.issuance)}"
         subject = x509.Name([x509.NameAttribute(SUBJECT_OIDS["CN"], cn)])
 
         def remember_key(record: object) -> None:

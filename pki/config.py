@@ -92,6 +92,27 @@ class RevocationConfig(_Strict):
     delta_crls: bool = True
 
 
+class AuditConfig(_Strict):
+    """AuditConfig names the audit key and how often checkpoints are signed (ca.toml [audit])."""
+
+    # The key lives in the token under its own label and signs checkpoints only.
+    key_label: str = "audit"
+    key_type: KeyType = "ec-p256"
+    # The audit certificate: the verifier's trust anchor, relative to the data directory.
+    certificate: str = "certs/audit.pem"
+    # A checkpoint is due after this many events or this many seconds, whichever comes first.
+    checkpoint_events: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
+    checkpoint_seconds: Annotated[int, Field(gt=0, le=86400)] = 300
+    # `pki audit verify` refuses a log whose newest checkpoint is older than this.
+    max_checkpoint_age_seconds: Annotated[int, Field(gt=0, le=30 * 86400)] = 3600
+
+    @model_validator(mode="after")
+    def _age_covers_interval(self) -> AuditConfig:
+        if self.max_checkpoint_age_seconds < self.checkpoint_seconds:
+            raise ValueError("max_checkpoint_age_seconds must be at least checkpoint_seconds")
+        return self
+
+
 class DatabaseConfig(_Strict):
     url: str = "sqlite:///pki.db"
 
@@ -103,6 +124,7 @@ class CAConfig(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     urls: URLConfig = URLConfig()
     revocation: RevocationConfig = RevocationConfig()
+    audit: AuditConfig = AuditConfig()
     issuers: dict[str, IssuerConfig]
 
     @field_validator("issuers")

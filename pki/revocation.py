@@ -89,7 +89,7 @@ class RevocationService:
         now = self.clock.now()
         with session_scope(self.db) as session:
             store = RevocationStore(session)
-            record = store.certificates.by_serial(serial_hex, issuer_id)
+            record = store.certificates.by_serial(serial_hex, issuer_id, for_update=True)
             result = _revoke_record(store, record, reason, now)
             if result.changed:
                 audit.append(
@@ -153,7 +153,7 @@ class RevocationService:
         now = self.clock.now()
         with session_scope(self.db) as session:
             store = RevocationStore(session)
-            record = store.certificates.by_serial(serial_hex, issuer_id)
+            record = store.certificates.by_serial(serial_hex, issuer_id, for_update=True)
             if (
                 record.status is not CertificateStatus.REVOKED
                 or record.revocation_reason != x509.ReasonFlags.certificate_hold.value
@@ -194,8 +194,11 @@ class RevocationService:
         held = CertificateRepository(session).list(
             device_id=device_id, status=CertificateStatus.REVOKED, limit=1000
         )
+        # Read again under a row lock, as every revocation transition is (_revoke_record).
         records += [
-            r for r in held if r.revocation_reason == x509.ReasonFlags.certificate_hold.value
+            store.certificates.by_serial(r.serial_hex, r.issuer_id, for_update=True)
+            for r in held
+            if r.revocation_reason == x509.ReasonFlags.certificate_hold.value
         ]
         return [_revoke_record(store, r, reason, now) for r in records]
 
@@ -220,7 +223,11 @@ def _revoke_record(
     reason: x509.ReasonFlags,
     now: datetime.datetime,
 ) -> Revoked:
-    """Marks one certificate revoked in the store's transaction; no commit, no audit."""
+    """Marks one certificate revoked in the store's transaction; no commit, no audit.
+
+    The record must have been read under a row lock (by_serial(for_update=True)): the rules
+    below decide on its current state, and two revocations at once must not both decide on
+    the state before either committed (a lost update would replace keyCompromise)."""
     serial_hex = record.serial_hex
     if record.status in (CertificateStatus.PENDING, CertificateStatus.ABANDONED):
         raise conflict(f"certificate {serial_hex} was never issued")

@@ -174,3 +174,17 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditCheckpoint(Base):
+    """AuditCheckpoint is the chain's head at one moment, signed with the audit key."""
+
+    __tablename__ = "audit_checkpoints"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), index=True)
+    event_hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    signature: Mapped[bytes] = mapped_column(LargeBinary)

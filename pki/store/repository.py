@@ -207,10 +207,20 @@ class CertificateRepository:
             raise not_found(f"no certificate record {record_id}")
         return record
 
-    def by_serial(self, serial_hex: str, issuer_id: str | None = None) -> CertificateRecord:
+    def by_serial(
+        self, serial_hex: str, issuer_id: str | None = None, *, for_update: bool = False
+    ) -> CertificateRecord:
+        """Finds a certificate by serial; for_update locks its row until the transaction ends.
+
+        The lock makes a read-decide-write (a revocation's reason rules) see the row as the
+        last committer left it (PostgreSQL SELECT ... FOR UPDATE; SQLite's write transaction
+        already holds the database's write lock, and SQLAlchemy omits the clause there)."""
         query = select(CertificateRecord).where(CertificateRecord.serial_hex == serial_hex)
         if issuer_id is not None:
             query = query.where(CertificateRecord.issuer_id == issuer_id)
+        if for_update:
+            # populate_existing: a row already in the session is refreshed from the locked read.
+            query = query.with_for_update().execution_options(populate_existing=True)
         records = self.session.execute(query).scalars().all()
         if not records:
             raise not_found(f"no certificate with serial {serial_hex}")

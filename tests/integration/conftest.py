@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import CONFIG_DIR, drop_postgres_database, fresh_postgres_database
 
 PKI = str(Path(sys.executable).with_name("pki"))
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
 @dataclasses.dataclass
@@ -63,6 +64,31 @@ class DevCA:
 
     def cert(self, name: str) -> Path:
         return self.data_dir / "certs" / name
+
+    def pkcs11_tool(
+        self, token: str, pin_file: str, *args: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Runs OpenSC's pkcs11-tool on one of this CA's SoftHSM tokens, logged in with a PIN."""
+        env = dict(os.environ, SOFTHSM2_CONF=str(self.data_dir / "softhsm2.conf"))
+        pin = (self.data_dir / pin_file).read_text().strip()
+        return subprocess.run(
+            [
+                "pkcs11-tool",
+                "--module",
+                SOFTHSM_MODULE,
+                "--token-label",
+                token,
+                "--login",
+                "--pin",
+                pin,
+                *args,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'pki.db'}"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from pki import lint
 from pki.serial import serial_hex
@@ -24,6 +24,7 @@ from pki.store import (
     IssuerRecord,
     session_scope,
 )
+from pki.store.models import AuditCheckpoint, AuditHead
 from tests.csrs import device_csr
 from tests.integration.conftest import PKI, DevCA
 
@@ -109,6 +110,7 @@ class TestDevHierarchy:
             ca.cert("devices.pem"),
             ca.cert("root-ocsp.pem"),
             ca.cert("devices-ocsp.pem"),
+            ca.cert("audit.pem"),
             ca.data_dir / "tls" / "server.pem",
             tmp_path / "dev.pem",
         ]
@@ -147,6 +149,42 @@ class TestDevHierarchy:
         assert result.returncode == 1
         assert "event 2" in result.stderr
 
+    def test_audit_export_verifies_offline_and_catches_wipe(
+        self, dev_ca: DevCA, tmp_path: Path
+    ) -> None:
+        dev_ca.pki("audit", "checkpoint")
+        exported = tmp_path / "audit.jsonl"
+        dev_ca.pki("audit", "export", "--out", str(exported))
+        cert = tmp_path / "audit.pem"
+        cert.write_bytes(dev_ca.cert("audit.pem").read_bytes())
+        # A third party: no configuration, no data directory, no token, no database.
+        offline_env = {k: v for k, v in os.environ.items() if not k.startswith(("PKI_", "SOFT"))}
+        offline_env["PKI_CONFIG_DIR"] = str(tmp_path / "absent-config")
+        offline_env["PKI_DATA_DIR"] = str(tmp_path / "absent-data")
+        verify = ("audit", "verify", "--file", str(exported), "--cert", str(cert))
+        assert "intact" in dev_ca.pki(*verify, env=offline_env).stdout
+        data = bytearray(exported.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        exported.write_bytes(bytes(data))
+        assert dev_ca.pki(*verify, env=offline_env, check=False).returncode != 0
+        assert not (tmp_path / "absent-data").exists()
+
+        dev_ca.pki("audit", "export", "--out", str(exported))
+        db = Database(dev_ca.db_url())
+        with session_scope(db) as s:
+            s.execute(delete(AuditEvent))
+            s.execute(delete(AuditCheckpoint))
+            s.execute(delete(AuditHead))
+        db.dispose()
+        result = dev_ca.pki("audit", "verify", "--checkpoints", str(exported), check=False)
+        assert result.returncode == 1
+        assert "broken at event 1:" in result.stderr
+
+    def test_audit_checkpoint_if_due(self, dev_ca: DevCA) -> None:
+        # pki init ends with a checkpoint; nothing is due right after it.
+        assert dev_ca.pki("audit", "checkpoint", "--if-due").stdout == ""
+        assert "audit checkpoint at event" in dev_ca.pki("audit", "checkpoint").stdout
+
 
 class TestKeysStayInToken:
     @pytest.mark.parametrize("label", ["root-ca", "devices-ca"])
@@ -156,8 +194,27 @@ class TestKeysStayInToken:
         assert info["extractable"] is False
         assert info["always_sensitive"] is True and info["never_extractable"] is True
         assert info["token"] is True
+        assert info["modifiable"] is False and info["destroyable"] is False
         assert info["private_value_readable"] is False
         assert "Sensitive" in info["token_says"]
+
+    @pytest.mark.parametrize("object_type", ["privkey", "pubkey"])
+    def test_ca_key_cannot_be_destroyed_or_changed_with_user_pin(
+        self, dev_ca: DevCA, object_type: str
+    ) -> None:
+        token, pin_file = "pki-dev", "secrets/hsm-user.pin"
+        destroyed = dev_ca.pkcs11_tool(
+            token, pin_file, "--delete-object", "--type", object_type, "--label", "root-ca"
+        )
+        assert destroyed.returncode != 0, destroyed.stdout
+        changed = dev_ca.pkcs11_tool(
+            token, pin_file, "--set-id", "0102", "--type", object_type, "--label", "root-ca"
+        )
+        assert changed.returncode != 0, changed.stdout
+        listed = dev_ca.pkcs11_tool(token, pin_file, "--list-objects", "--type", object_type)
+        assert listed.stdout.count("label:      root-ca\n") == 1
+        # The key is still whole: the CA still signs with it.
+        assert dev_ca.pki("ceremony", "ocsp-signer", "--issuer", "root").returncode == 0
 
     def test_no_key_material_outside_token_store(self, dev_ca: DevCA) -> None:
         token_store = dev_ca.data_dir / "tokens"

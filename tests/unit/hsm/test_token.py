@@ -8,10 +8,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from pkcs11 import Attribute, ObjectClass
 
 from hsm import (
     PKCS11URI,
@@ -65,6 +67,48 @@ class TestGenerateKey:
         assert attributes["never_extractable"] is True
         assert attributes["sign"] is True
         assert attributes["decrypt"] is False
+
+    def test_generate_key_is_neither_modifiable_nor_destroyable(self, softhsm_token: Token) -> None:
+        softhsm_token.generate_key("ca", "ec-p256")
+        attributes = softhsm_token.key_attributes("ca")
+        assert attributes["modifiable"] is False
+        assert attributes["destroyable"] is False
+
+    @pytest.mark.parametrize("object_class", [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY])
+    def test_generate_key_label_cannot_be_set_with_user_pin(
+        self, softhsm_token: Token, object_class: ObjectClass
+    ) -> None:
+        key = softhsm_token.generate_key("ca", "ec-p256")
+
+        def relabel(state: Any) -> None:
+            (handle,) = state.session.get_objects(
+                {Attribute.CLASS: object_class, Attribute.LABEL: "ca"}
+            )
+            handle[Attribute.LABEL] = "ca-renamed"
+
+        # PKCS#11 C_SetAttributeValue: "CKR_ACTION_PROHIBITED" for an object whose
+        # CKA_MODIFIABLE is false (SoftHSM answers CKR_ATTRIBUTE_READ_ONLY).
+        with pytest.raises(HSMError):
+            softhsm_token._run("relabel", relabel)
+        softhsm_token.close()
+        assert softhsm_token.load_key("ca").key_id == key.key_id
+
+    @pytest.mark.parametrize("object_class", [ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY])
+    def test_generate_key_cannot_be_destroyed_with_user_pin(
+        self, softhsm_token: Token, object_class: ObjectClass
+    ) -> None:
+        softhsm_token.generate_key("ca", "ec-p256")
+
+        def destroy(state: Any) -> None:
+            (handle,) = state.session.get_objects(
+                {Attribute.CLASS: object_class, Attribute.LABEL: "ca"}
+            )
+            handle.destroy()
+
+        with pytest.raises(HSMError):
+            softhsm_token._run("destroy", destroy)
+        softhsm_token.close()
+        _sign_and_verify(softhsm_token.load_key("ca"), b"still here")
 
     @pytest.mark.parametrize("key_type", ["ec-p256", "rsa-2048"])
     def test_generate_key_private_value_cannot_be_read(
