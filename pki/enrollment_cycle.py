@@ -33,6 +33,7 @@ from pki.csr import CertificateRequest
 from pki.device import BAD_SECRET, DeviceService, forbidden, unauthorized
 from pki.errors import conflict
 from pki.issuer import IssuanceService, Issued, Issuer
+from pki.serial import serial_hex
 from pki.store import CertificateRecord, CertificateStatus, Database, Session, audit, session_scope
 from pki.store.device_lock import device_lock
 from pki.store.enrollment_models import ApprovalState
@@ -131,8 +132,11 @@ class EnrollmentCycle:
                 None,
             )
 
+            abandoned: list[CertificateRecord] = []
+
             def on_issued(record_id: int) -> None:
-                self._record(session, grant, record_id, [r for r in stranded if r.id != record_id])
+                others = [r for r in stranded if r.id != record_id]
+                abandoned.extend(self._record(session, grant, record_id, others))
 
             issued = None
             if resumable is not None:
@@ -154,6 +158,7 @@ class EnrollmentCycle:
                     issued_session=session,
                     on_issued=on_issued,
                 )
+            self._audit(session, grant, issued, abandoned)
         return issued
 
     def resend(self, grant: Grant, request: CertificateRequest) -> Issued:
@@ -197,11 +202,10 @@ class EnrollmentCycle:
         session: Session,
         grant: Grant,
         record_id: int,
-        superseded: list[CertificateRecord],
-    ) -> None:
+        stranded: list[CertificateRecord],
+    ) -> list[CertificateRecord]:
         # The issued transaction: the secret is spent, the device enrolled, the approval
         # used and the stranded rows abandoned only together with the issued certificate.
-        now = self.clock.now()
         self.devices.record_enrollment(
             session, grant.device_id, grant.secret_id, record_id, register=grant.register
         )
@@ -213,22 +217,30 @@ class EnrollmentCycle:
                 raise forbidden("the request is no longer approved")
             approval.state = ApprovalState.ISSUED
         certs = CertificateRepository(session)
-        for row in superseded:
-            if certs.abandon(row.id):
-                audit.append(
-                    session,
-                    at=now,
-                    actor=f"device:{grant.device_id}",
-                    action="certificate.abandoned",
-                    target=f"{row.issuer_id}/{row.serial_hex}",
-                    details={"device_id": grant.device_id, "why": "superseded by a retry"},
-                )
-        serial = certs.get(record_id).serial_hex
+        return [row for row in stranded if certs.abandon(row.id)]
+
+    def _audit(
+        self, session: Session, grant: Grant, issued: Issued, abandoned: list[CertificateRecord]
+    ) -> None:
+        now = self.clock.now()
+        for row in abandoned:
+            audit.append(
+                session,
+                at=now,
+                actor=f"device:{grant.device_id}",
+                action="certificate.abandoned",
+                target=f"{row.issuer_id}/{row.serial_hex}",
+                details={"device_id": grant.device_id, "why": "superseded by a retry"},
+            )
         audit.append(
             session,
             at=now,
             actor=f"device:{grant.device_id}",
             action="device.enrolled",
             target=grant.device_id,
-            details={"label": grant.label, "method": grant.method, "serial": serial},
+            details={
+                "label": grant.label,
+                "method": grant.method,
+                "serial": serial_hex(issued.serial),
+            },
         )

@@ -208,8 +208,9 @@ class IssuanceService:
     ) -> Issued:
         """Issues a certificate for a checked request: lint, record pending, sign, record.
 
-        With `issued_session`, the certificate is recorded as issued (and `on_issued` runs)
-        in that session's transaction, which the caller commits; otherwise in one of its own.
+        With `issued_session`, the certificate is recorded as issued (and `on_issued` runs,
+        before the audit event) in that session's transaction, which the caller commits;
+        otherwise in one of its own.
         """
         self._check_profile(issuer, profile)
         now = self.clock.now()
@@ -366,6 +367,10 @@ class IssuanceService:
             CertificateRepository(session).mark_issued(
                 record_id, cert_der=cert_der, fingerprint_sha256=digest, at=self.clock.now()
             )
+            # Row work first, the audit append last: a transaction waiting on a row lock
+            # must not hold the audit chain's head, which every issuance needs.
+            if on_issued is not None:
+                on_issued(record_id)
             audit.append(
                 session,
                 at=self.clock.now(),
@@ -374,8 +379,6 @@ class IssuanceService:
                 target=f"{issuer.issuer_id}/{serial_hex(serial)}",
                 details={"fingerprint_sha256": digest, "key": _key_name(issuer)},
             )
-            if on_issued is not None:
-                on_issued(record_id)
 
         if issued_session is not None:
             record_issued(issued_session)
