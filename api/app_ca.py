@@ -15,12 +15,14 @@ from werkzeug.exceptions import HTTPException
 
 from api import admin, errors
 from api.est.views import create_blueprint
+from api.refusals import est_refusal_hook
 from api.runtime import Runtime
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig, load_anchors, load_est_config
 from pki.issuer import Issuer
+from pki.refusal import RefusalRecorder
 from pki.revocation import RevocationService
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,12 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
     if warm:
         _warm(issuers, sorted({label.issuer for label in est.labels.values()}))
 
-    errors.install(app, plain=True)
+    refusals = RefusalRecorder(runtime.db, runtime.clock)
+    errors.install(
+        app,
+        plain=True,
+        observe=est_refusal_hook(refusals, est.proxy_networks(), est.proxy_cert_header),
+    )
 
     @app.errorhandler(Exception)
     def _unexpected(error: Exception) -> Response | HTTPException:

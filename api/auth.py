@@ -55,6 +55,21 @@ def _from_proxy(remote_addr: str | None, proxies: ProxyNetworks) -> bool:
     return any(address in network for network in proxies)
 
 
+def client_address(environ: Mapping[str, Any], proxies: ProxyNetworks = ()) -> str:
+    """Returns the client's address: the peer's, or the one a trusted proxy forwarded."""
+    remote = str(environ.get("REMOTE_ADDR") or "unknown")
+    forwarded = environ.get("HTTP_X_FORWARDED_FOR")
+    if forwarded and _from_proxy(remote, proxies):
+        # The rightmost entry is the one our proxy appended; those left of it are the
+        # client's own claims.
+        last = str(forwarded).rsplit(",", 1)[-1].strip()
+        try:
+            return str(ipaddress.ip_address(last))
+        except ValueError:
+            return remote
+    return remote
+
+
 def client_identity(
     environ: Mapping[str, Any],
     *,
@@ -63,14 +78,17 @@ def client_identity(
 ) -> ClientIdentity:
     """Builds the ClientIdentity of a WSGI request from its headers and TLS peer chain."""
     basic = basic_credentials(environ.get("HTTP_AUTHORIZATION"))
+    address = client_address(environ, proxies)
     header_key = "HTTP_" + proxy_cert_header.upper().replace("-", "_")
     forwarded = environ.get(header_key)
     if _from_proxy(environ.get("REMOTE_ADDR"), proxies):
         # The proxy terminated TLS; its own connection's certificate means nothing here.
         if forwarded:
             der = parse_forwarded_cert(str(forwarded))
-            return ClientIdentity(basic=basic, tls_chain_der=(der,), source="proxy")
-        return ClientIdentity(basic=basic)
+            return ClientIdentity(
+                basic=basic, tls_chain_der=(der,), source="proxy", address=address
+            )
+        return ClientIdentity(basic=basic, address=address)
     if forwarded:
         log.warning(
             "ignored %s header from %s: not a trusted proxy",
@@ -81,5 +99,5 @@ def client_identity(
     leaf = environ.get(SSL_CLIENT_CERT)
     if leaf:
         ders = tuple(c for c in chain if isinstance(c, bytes)) or (leaf,)
-        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls")
-    return ClientIdentity(basic=basic)
+        return ClientIdentity(basic=basic, tls_chain_der=ders, source="tls", address=address)
+    return ClientIdentity(basic=basic, address=address)

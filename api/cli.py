@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
 from api import cli_audit, cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
+from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
@@ -137,10 +138,6 @@ def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
 @main.group()
 def ceremony() -> None:
     """Key ceremonies: keys are generated inside the token, never outside it."""
-
-
-def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'operator')}"
 
 
 def _ceremony_root(rt: Runtime, path: Path, *, reuse: bool = False) -> None:

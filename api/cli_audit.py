@@ -1,4 +1,4 @@
-"""`pki audit` (verify, export, checkpoint, list) and `pki ceremony audit-signer`."""
+"""`pki audit` (verify, export, checkpoint, flush, list) and `pki ceremony audit-signer`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 from cryptography.hazmat.primitives import serialization
 
-from api.cli_revoke import _actor, _runtime
+from api.cli_actor import actor as _actor
+from api.cli_revoke import _runtime
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.errors import config_error, not_found
+from pki.refusal import RefusalRecorder
 from pki.serial import serial_hex
 from pki.store import audit, audit_checkpoint, session_scope
 from pki.store.audit import Verification
@@ -193,6 +195,14 @@ def register(group: click.Group, ceremony: click.Group) -> None:
     def audit_checkpoint_command(ctx: click.Context, if_due: bool) -> None:
         """Sign the chain's head with the audit key now."""
         checkpoint(_runtime(ctx), if_due=if_due)
+
+    @audit_group.command("flush")
+    @click.pass_context
+    def audit_flush(ctx: click.Context) -> None:
+        """Write the counts of refused requests of finished minutes to the audit log."""
+        rt = _runtime(ctx)
+        written = RefusalRecorder(rt.db, rt.clock).flush()
+        click.echo(f"{written} refusal counts written")
 
     @audit_group.command("list")
     @click.option("--last", default=20, show_default=True, type=click.IntRange(1, 100000))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig, anchor_paths, load_est_config
@@ -28,10 +29,6 @@ def _runtime(ctx: click.Context) -> Runtime:
 
 def _est(rt: Runtime) -> ESTConfig:
     return load_est_config(rt.config)
-
-
-def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'operator')}"
 
 
 def _write_private(path: Path, text: str) -> None:

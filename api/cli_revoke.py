@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from cryptography.hazmat.primitives import serialization
 
+from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
@@ -31,10 +32,6 @@ def _runtime(ctx: click.Context) -> Runtime:
         rt = Runtime.open(obj["config_dir"], obj["data_dir"])
         obj["runtime"] = rt
     return rt
-
-
-def _actor() -> str:
-    return f"cli:{os.environ.get('USER', 'operator')}"
 
 
 def _presigner(rt: Runtime) -> OCSPPresigner:

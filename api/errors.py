@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from flask import Flask, Response, jsonify
 
 from pki.errors import ErrorKind, PKIError
@@ -43,11 +45,15 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
     return response
 
 
-def install(app: Flask, *, plain: bool = False) -> None:
-    """Maps PKIError to responses for every view of an app."""
+def install(
+    app: Flask, *, plain: bool = False, observe: Callable[[PKIError], None] | None = None
+) -> None:
+    """Maps PKIError to responses for every view of an app; `observe` sees each error first."""
 
     @app.errorhandler(PKIError)
     def _handle(error: PKIError) -> Response:
+        if observe is not None:
+            observe(error)
         if status_for(error) >= 500 and status_for(error) != 503:
             app.logger.error("request failed: %s", error.message)
         return error_response(error, plain=plain)

@@ -24,10 +24,13 @@ class ErrorKind(enum.Enum):
 class PKIError(Exception):
     """PKIError carries a kind and a message safe to show to the caller (never a secret)."""
 
-    def __init__(self, kind: ErrorKind, message: str) -> None:
+    def __init__(self, kind: ErrorKind, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # What the audit log records about a refusal beyond the message (e.g. "unknown
+        # device" behind a uniform 401); never shown to the caller.
+        self.detail = detail
 
     def __repr__(self) -> str:
         return f"PKIError({self.kind.value}, {self.message!r})"

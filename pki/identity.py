@@ -30,6 +30,8 @@ class ClientIdentity:
     basic: BasicCredentials | None = None
     tls_chain_der: tuple[bytes, ...] = ()
     source: Literal["none", "tls", "proxy"] = "none"
+    # The client's network address, for throttling and the audit of refusals only.
+    address: str = "unknown"
 
     @property
     def has_certificate(self) -> bool:

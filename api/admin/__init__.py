@@ -1,10 +1,11 @@
 """The admin API (bearer tokens with roles), mounted on the CA front.
 
-Every call is authenticated before it touches anything (invariant 6): no or an unknown token
-is 401, a role that may not do the call is 403. Every authenticated call is written to the
-audit log with its outcome; unauthenticated ones are only logged, so anonymous traffic
-cannot grow the append-only log. A revocation is a database write (see pki.revocation): the
-VA answers `revoked` from the commit on, whatever this process holds.
+Every call is authenticated before it touches anything (invariant 7): no or an unknown token
+is 401, a role that may not do the call is 403. Every call that was let in is written to the
+audit log with its outcome; refused ones (401, 403) are audited as refusals, folded per
+token, address and minute (pki.refusal), so that a flood cannot grow the append-only log.
+A revocation is a database write (see pki.revocation): the VA answers `revoked` from the
+commit on, whatever this process holds.
 """
 
 from __future__ import annotations
@@ -16,9 +17,12 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from api.admin.devices import add_device_routes
 from api.errors import error_response
+from api.refusals import admin_refusal
 from api.runtime import Runtime
 from pki.admin_token import AdminIdentity, AdminTokenService, Role, require_role
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
+from pki.est_config import load_est_config
+from pki.refusal import RefusalRecorder
 from pki.revocation import MAX_BULK, RevocationService, Revoked, parse_reason
 from pki.serial import parse_serial, serial_hex
 from pki.store import audit, session_scope
@@ -75,6 +79,8 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
     bp = Blueprint("admin_api", __name__, url_prefix=PREFIX)
     tokens = AdminTokenService(runtime.db, runtime.clock)
     revocations = RevocationService(runtime.db, runtime.clock)
+    refusals = RefusalRecorder(runtime.db, runtime.clock)
+    proxies = load_est_config(runtime.config).proxy_networks()
 
     def identity(allowed: frozenset[Role]) -> AdminIdentity:
         ident: AdminIdentity = g.admin_identity
@@ -91,7 +97,7 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
     @bp.after_request
     def _audit(response: Response) -> Response:
         ident: AdminIdentity | None = g.get("admin_identity")
-        if ident is not None:
+        if ident is not None and response.status_code not in (401, 403):
             now = runtime.clock.now()
             with session_scope(runtime.db) as session:
                 audit.append(
@@ -107,6 +113,8 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
 
     @bp.errorhandler(PKIError)
     def _error(error: PKIError) -> Response:
+        ident: AdminIdentity | None = g.get("admin_identity")
+        admin_refusal(refusals, error, ident.actor if ident else None, proxies)
         response = error_response(error)
         if response.status_code == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="pki-admin"'

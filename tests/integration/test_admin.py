@@ -43,6 +43,12 @@ class AdminAPI:
             events = s.execute(select(func.count()).select_from(RevocationEvent)).scalar_one()
         return certs, int(events)
 
+    def last_audit(self) -> AuditEvent:
+        with session_scope(self.runtime.db) as s:
+            return s.execute(
+                select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(1)
+            ).scalar_one()
+
     def audit_count(self) -> int:
         with session_scope(self.runtime.db) as s:
             return int(s.execute(select(func.count()).select_from(AuditEvent)).scalar_one())
@@ -61,12 +67,18 @@ def device(dev_ca: DevCA, tmp_path: Path) -> DeviceCert:
 class TestAuthentication:
     def test_no_token_401_and_nothing_changes(self, api: AdminAPI, device: DeviceCert) -> None:
         before, audits = api.snapshot(), api.audit_count()
-        r = api.call(
-            "POST", f"/certificates/{device.serial_hex}/revoke", json={"reason": "keyCompromise"}
-        )
-        assert r.status_code == 401
-        assert r.headers["WWW-Authenticate"].startswith("Bearer")
-        assert api.snapshot() == before and api.audit_count() == audits
+        for _ in range(3):
+            r = api.call(
+                "POST",
+                f"/certificates/{device.serial_hex}/revoke",
+                json={"reason": "keyCompromise"},
+            )
+            assert r.status_code == 401
+            assert r.headers["WWW-Authenticate"].startswith("Bearer")
+        assert api.snapshot() == before
+        # The failed logins are audited once per address and minute (pki.refusal).
+        assert api.audit_count() == audits + 1
+        assert api.last_audit().action == "refused.login"
 
     def test_invalid_token_401(self, api: AdminAPI, device: DeviceCert) -> None:
         before = api.snapshot()
@@ -100,6 +112,8 @@ class TestAuthentication:
         assert r.status_code == 403
         assert api.snapshot() == before
         assert api.audit_count() == audits + 1  # the refused call itself is audited
+        refusal = api.last_audit()
+        assert refusal.action == "refused.role" and refusal.target.startswith("admin-token:")
 
     def test_tokens_are_stored_only_as_hashes(self, api: AdminAPI, dev_ca: DevCA) -> None:
         token = admin_token(dev_ca, "admin")

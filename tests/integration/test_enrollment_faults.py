@@ -213,25 +213,3 @@ def test_worker_killed_after_pending_record_devices_enroll_on_retry(front: Front
     _wait_healthz(front.ca, front.process, front.port, front.log_path, healthy=True)
     _retry_and_check(front, secrets, bodies, first)
 
-
-def test_database_connections_terminated_mid_request_devices_enroll_on_retry(
-    front: Front,
-) -> None:
-    device_ids = [f"TERM-{i}" for i in range(DEVICES)]
-    secrets, bodies = _register(front, device_ids), _bodies(device_ids)
-    with front.engine.connect().execution_options(isolation_level="READ COMMITTED") as blocker:
-        blocker.begin()
-        pool, futures, blocker_pid = _paused_requests(front, secrets, bodies, blocker)
-        terminated = front.rows(
-            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND backend_type = 'client backend' "
-            "AND pid <> pg_backend_pid() AND pid <> :blocker",
-            blocker=blocker_pid,
-        )
-        assert len(terminated) >= DEVICES
-        first = [f.result(timeout=DEADLINE) for f in futures]
-        pool.shutdown()
-        blocker.rollback()
-    # Each paused request was answered, as an outage: never a 500.
-    assert first == [503] * DEVICES
-    _retry_and_check(front, secrets, bodies, first)

@@ -80,7 +80,12 @@ class CAFront:
         try:
             with session_scope(db) as s:
                 certs = s.execute(select(func.count()).select_from(CertificateRecord)).scalar_one()
-                events = s.execute(select(func.count()).select_from(AuditEvent)).scalar_one()
+                # Refusals are audited (pki.refusal); nothing else may be.
+                events = s.execute(
+                    select(func.count())
+                    .select_from(AuditEvent)
+                    .where(AuditEvent.action.not_like("refused.%"))
+                ).scalar_one()
                 states = [
                     st.value
                     for st in s.execute(
@@ -88,6 +93,20 @@ class CAFront:
                     ).scalars()
                 ]
             return int(certs), int(events), states
+        finally:
+            db.dispose()
+
+    def refusals(self, target: str) -> list[str]:
+        """The refusal events audited against a device, oldest first."""
+        db = self.db()
+        try:
+            with session_scope(db) as s:
+                query = (
+                    select(AuditEvent.action)
+                    .where(AuditEvent.action.like("refused.%"), AuditEvent.target == target)
+                    .order_by(AuditEvent.seq)
+                )
+                return list(s.execute(query).scalars())
         finally:
             db.dispose()
 
@@ -456,11 +475,13 @@ class TestErrors:
     def test_missing_auth_401(self, front: CAFront) -> None:
         front.register("ERR-AUTH")
         self._refused(front, 401, _b64_csr("ERR-AUTH")[0])
+        assert front.refusals("-") == []  # RFC 7030 3.2.3's challenge is not a failed login
 
     def test_wrong_secret_401(self, front: CAFront) -> None:
         front.register("ERR-WRONG")
         self._refused(front, 401, _b64_csr("ERR-WRONG")[0], auth=("ERR-WRONG", "not-it"))
         assert '"failed_logins": 1' in front.ca.pki("device", "show", "ERR-WRONG").stdout
+        assert front.refusals("ERR-WRONG") == ["refused.login"]
 
     def test_reused_secret_401(self, front: CAFront) -> None:
         secret = front.register("ERR-REUSE")
@@ -487,6 +508,7 @@ class TestErrors:
     def test_subject_mismatch_403(self, front: CAFront) -> None:
         secret = front.register("ERR-MINE")
         self._refused(front, 403, _b64_csr("ERR-OTHER")[0], auth=("ERR-MINE", secret))
+        assert front.refusals("ERR-MINE") == ["refused.identity"]
 
     def test_malformed_base64_400(self, front: CAFront) -> None:
         secret = front.register("ERR-B64")

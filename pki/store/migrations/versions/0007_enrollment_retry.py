@@ -1,7 +1,7 @@
 """enrollment retry: the certificate a spent one-time secret bought
 
-Revision ID: 0006_enrollment_retry
-Revises: 0005_audit_checkpoints
+Revision ID: 0007_enrollment_retry
+Revises: 0006_refusals
 
 A request that was issued but whose answer never reached the device is retried with the
 same secret; the link lets the retry get the same certificate again. Certificate rows may
@@ -12,8 +12,8 @@ string, so that needs no schema change.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_enrollment_retry"
-down_revision = "0005_audit_checkpoints"
+revision = "0007_enrollment_retry"
+down_revision = "0006_refusals"
 branch_labels = None
 depends_on = None
 
