@@ -20,7 +20,7 @@ from api.runtime import Runtime
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
-from pki.est_config import ESTConfig, load_anchors, load_est_config
+from pki.est_config import ESTConfig, load_anchors, load_est_config, load_intermediates
 from pki.issuer import Issuer
 from pki.refusal import RefusalRecorder
 from pki.revocation import RevocationService
@@ -64,6 +64,7 @@ def device_service(runtime: Runtime, est: ESTConfig) -> DeviceService:
         runtime.clock,
         secret_lifetime=est.secret_lifetime,
         max_failures=est.max_failures,
+        max_address_failures=est.max_address_failures,
         lockout=est.lockout,
         revocation=RevocationService(runtime.db, runtime.clock),
     )
@@ -88,6 +89,11 @@ def enrollment_service(
         devices=device_service(runtime, est),
         revocation=RevocationService(runtime.db, runtime.clock),
         anchors=anchors,
+        intermediates={
+            name: load_intermediates(est, name, runtime.data_dir)
+            for name, label in est.labels.items()
+            if label.manufacturer_intermediates
+        },
     )
 
 

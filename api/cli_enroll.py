@@ -63,14 +63,29 @@ def device() -> None:
 @click.argument("device_id")
 @click.option("--model", default=None, help="Device model.")
 @click.option("--batch", default=None, help="Production batch.")
+@click.option(
+    "--manufacturer",
+    default=None,
+    metavar="SHA256",
+    help="Enrolls with an IDevID of this manufacturer: its anchor's SHA-256 fingerprint.",
+)
 @click.pass_context
-def device_add(ctx: click.Context, device_id: str, model: str | None, batch: str | None) -> None:
-    """Register one device (state: registered)."""
+def device_add(
+    ctx: click.Context,
+    device_id: str,
+    model: str | None,
+    batch: str | None,
+    manufacturer: str | None,
+) -> None:
+    """Register one device (state: registered), for a one-time secret or an IDevID."""
     from api.app_ca import device_service
 
     rt = _runtime(ctx)
-    info = device_service(rt, _est(rt)).add(device_id, model=model, batch=batch, actor=_actor())
-    click.echo(f"device {info.device_id} registered")
+    info = device_service(rt, _est(rt)).add(
+        device_id, model=model, batch=batch, manufacturer=manufacturer, actor=_actor()
+    )
+    how = "IDevID" if info.enroll_method == "idevid" else "one-time secret"
+    click.echo(f"device {info.device_id} registered (enrolls with a {how})")
 
 
 @device.command("import")
@@ -203,7 +218,8 @@ def enrollment_pending(ctx: click.Context) -> None:
 @enrollment.command("sweep")
 @click.pass_context
 def enrollment_sweep(ctx: click.Context) -> None:
-    """Revoke superseded certificates past the grace period; abandon stale pending rows."""
+    """Revoke superseded certificates past their grace period; abandon stale pending rows;
+    forget stale failed logins."""
     from api.app_ca import enrollment_service
 
     rt = _runtime(ctx)
@@ -212,6 +228,8 @@ def enrollment_sweep(ctx: click.Context) -> None:
     abandoned = service.sweep_pending()
     click.echo(f"{len(revoked)} superseded certificate(s) revoked")
     click.echo(f"{len(abandoned)} stale pending certificate row(s) abandoned")
+    pruned = service.devices.throttle.prune(rt.clock.now())
+    click.echo(f"{pruned} stale failed-login counter(s) removed")
 
 
 # --- servers --------------------------------------------------------------------------

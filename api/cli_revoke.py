@@ -34,6 +34,12 @@ def _runtime(ctx: click.Context) -> Runtime:
     return rt
 
 
+def _is_root(rt: Runtime, issuer_id: str) -> bool:
+    """Says whether ca.toml names the issuer as a root (no parent)."""
+    cfg = rt.config.ca.issuers.get(issuer_id)
+    return cfg is not None and cfg.parent is None
+
+
 def _presigner(rt: Runtime) -> OCSPPresigner:
     return OCSPPresigner(
         rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key), rt.ocsp_config()
@@ -124,7 +130,18 @@ def register(group: click.Group) -> None:
         multiple=True,
         help="Issuer (repeatable; default: every intermediate; a root only when named).",
     )
-    @click.option("--delta", is_flag=True, help="Publish a delta CRL against the latest full CRL.")
+    @click.option(
+        "--all",
+        "all_issuers",
+        is_flag=True,
+        help="Every issuer in ca.toml, the root included (a root whose key is not in this "
+        "token is left to `pki crl import`).",
+    )
+    @click.option(
+        "--delta",
+        is_flag=True,
+        help="Publish a delta CRL against the latest full CRL (a full CRL brings its own).",
+    )
     @click.option(
         "--out-dir",
         type=click.Path(file_okay=False, path_type=Path),
@@ -134,7 +151,8 @@ def register(group: click.Group) -> None:
     @click.option(
         "--if-due",
         is_flag=True,
-        help="Only when due: none yet, --period elapsed, or revocations --delay old (for cron).",
+        help="Only when due: none yet, --period elapsed, renewal before nextUpdate, or "
+        "revocations --delay old (for cron).",
     )
     @click.option(
         "--period",
@@ -156,6 +174,7 @@ def register(group: click.Group) -> None:
     def crl_publish(
         ctx: click.Context,
         issuer_ids: tuple[str, ...],
+        all_issuers: bool,
         delta: bool,
         out_dir: Path | None,
         if_due: bool,
@@ -164,32 +183,57 @@ def register(group: click.Group) -> None:
     ) -> None:
         """Sign and store the next CRL of each issuer with the issuer's key."""
         rt = _runtime(ctx)
-        targets = list(issuer_ids) or [
-            i for i, c in rt.config.ca.issuers.items() if c.parent is not None
-        ]
-        publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, rt.crl_config())
+        issuers = rt.config.ca.issuers
+        if all_issuers:
+            targets = list(issuers)
+        else:
+            targets = list(issuer_ids) or [i for i, c in issuers.items() if c.parent is not None]
+        config = rt.crl_config()
+        publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, config)
         for issuer_id in targets:
+            if delta and (not config.deltas or _is_root(rt, issuer_id)):
+                if if_due:
+                    continue  # the root's CRL, and every CRL with deltas off, has no delta
+                if not config.deltas:
+                    raise PKIError(
+                        ErrorKind.CONFIG, "delta CRLs are off (ca.toml [revocation] delta_crls)"
+                    )
+                raise PKIError(ErrorKind.CONFLICT, f"{issuer_id} is a root: its CRL has no delta")
+            why = "requested"
             if if_due:
-                why = publisher.due(
+                found = publisher.due(
                     issuer_id,
                     delta=delta,
                     period=datetime.timedelta(minutes=period_minutes),
                     delay=datetime.timedelta(seconds=delay_seconds),
                 )
-                if why is None:
+                if found is None:
                     click.echo(f"{issuer_id}: not due")
                     continue
+                why = found
                 click.echo(f"{issuer_id}: due ({why})", err=True)
-            published = publisher.publish(rt.issuer(issuer_id), delta=delta)
-            kind = f"delta CRL (base {published.base_number})" if delta else "CRL"
-            click.echo(
-                f"{issuer_id}: {kind} number {published.crl_number}, "
-                f"{published.entries} entries, next update {published.next_update.isoformat()}"
-            )
-            if out_dir is not None:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                name = f"{issuer_id}-delta.crl" if delta else f"{issuer_id}.crl"
-                (out_dir / name).write_bytes(published.crl_der)
+            issuer = rt.online_issuer(issuer_id)
+            if issuer is None:
+                # An offline root signs its CRL in a ceremony; the file is imported here.
+                click.echo(
+                    f"{issuer_id}: CRL due ({why}) but the issuer key is not in this token: "
+                    f"sign it where the key is and import it (pki crl import)",
+                    err=True,
+                )
+                continue
+            published = publisher.publish(issuer, delta=delta)
+            for crl in (published, published.delta):
+                if crl is None:
+                    continue
+                kind = f"delta CRL (base {crl.base_number})" if crl.is_delta else "CRL"
+                click.echo(
+                    f"{issuer_id}: {kind} number {crl.crl_number}, "
+                    f"{crl.entries} entries, next update {crl.next_update.isoformat()}"
+                )
+                if out_dir is not None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    name = f"{issuer_id}-delta.crl" if crl.is_delta else f"{issuer_id}.crl"
+                    (out_dir / name).write_bytes(crl.crl_der)
 
     @group.group("ocsp")
     def ocsp() -> None:

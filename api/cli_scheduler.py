@@ -1,7 +1,8 @@
 """`pki scheduler run`: the publishing jobs on a timer, off every request path.
 
-Each round runs, per issuer, what is due: a full CRL (period elapsed, or revocations
-older than the debounce delay), a delta CRL, OCSP-signer renewal (a third of the signer's
+Each round runs, per issuer (the root included), what is due: a full CRL with its delta
+(none yet, period elapsed, renewal before nextUpdate, or revocations older than the debounce
+delay), a delta CRL on its own schedule, OCSP-signer renewal (a third of the signer's
 validity before it ends) and OCSP pre-signing (responses past half their validity, and new
 certificates), the enrollment sweep (superseded certificates past their grace period,
 pending rows past their age, est.toml) and a signed checkpoint of the audit log (after N
@@ -108,6 +109,7 @@ def register(group: click.Group) -> None:
                 group,
                 ["crl", "publish"],
                 issuer_ids=(),
+                all_issuers=True,
                 delta=False,
                 out_dir=None,
                 if_due=True,
@@ -119,6 +121,7 @@ def register(group: click.Group) -> None:
                 group,
                 ["crl", "publish"],
                 issuer_ids=(),
+                all_issuers=True,
                 delta=True,
                 out_dir=None,
                 if_due=True,

@@ -23,6 +23,9 @@ STATUS = {
 }
 
 
+BASIC_CHALLENGE = 'Basic realm="est", charset="UTF-8"'
+
+
 def status_for(error: PKIError) -> int:
     """Returns the HTTP status for a domain error."""
     return STATUS[error.kind]
@@ -33,13 +36,19 @@ def error_response(error: PKIError, *, plain: bool = False) -> Response:
     status = status_for(error)
     # Internal and configuration errors say no more than that: details go to the log.
     message = error.message if status < 500 or status == 503 else "internal error"
-    if plain:
+    if plain and status == 401:
+        # EST: every failed login alike, the challenge and an empty body. RFC 7030 clients
+        # send credentials only after the challenge, and some abort on a 401 with a body;
+        # and which failure it was (unknown device, wrong or used secret, lock-out) must not
+        # show. The refusal audit keeps the reason.
+        response = Response(b"", status=status, mimetype="text/plain")
+    elif plain:
         response = Response(message + "\n", status=status, mimetype="text/plain")
     else:
         response = jsonify({"error": error.kind.value, "message": message})
         response.status_code = status
     if status == 401:
-        response.headers["WWW-Authenticate"] = 'Basic realm="est", charset="UTF-8"'
+        response.headers["WWW-Authenticate"] = BASIC_CHALLENGE
     if status == 503:
         response.headers["Retry-After"] = "30"
     return response

@@ -136,6 +136,7 @@ class Runtime:
             full_validity=datetime.timedelta(hours=r.crl_validity_hours),
             delta_validity=datetime.timedelta(hours=r.delta_crl_validity_hours),
             deltas=r.delta_crls,
+            renew_fraction=r.crl_renew_fraction,
         )
 
     def issuance(self, hook: IssuanceHook = _no_hook) -> IssuanceService:
@@ -159,6 +160,16 @@ class Runtime:
         )
         self._issuers[issuer_id] = issuer
         return issuer
+
+    def online_issuer(self, issuer_id: str) -> Issuer | None:
+        """Opens an issuer whose key is in this process's token; None when it is not there
+        (an offline root, whose CRL is signed in a ceremony and imported)."""
+        try:
+            return self.issuer(issuer_id)
+        except hsm.HSMError as e:
+            if e.kind is hsm.HSMErrorKind.NOT_FOUND:
+                return None
+            raise
 
     def issuer_for_profile(self, profile: str) -> str:
         """Names the first issuer in ca.toml that issues a profile."""

@@ -5,8 +5,10 @@ environ. The worker classes here wrap the application so that every request carr
 
 - ``SSL_CLIENT_CERT``: DER of the client's leaf certificate, present only when the client sent
   one and it verified against the client CA files;
-- ``SSL_CLIENT_CERT_CHAIN``: tuple of DER certificates, leaf first (the leaf alone before
-  Python 3.13, which added ``SSLSocket.get_verified_chain``);
+- ``SSL_CLIENT_CERT_CHAIN``: tuple of DER certificates as the client sent them, leaf first
+  (leaf and intermediates). The application builds and checks the path to the anchors it
+  trusts for the request itself (pki/idevid.py); the handshake only proved that some path
+  to some client CA exists and that the client holds the leaf's key;
 - ``SSL_PROTOCOL``: the negotiated version, e.g. ``"TLSv1.3"``.
 
 gunicorn config file (``-c``)::
@@ -106,13 +108,26 @@ def peer_environ(sock: object) -> dict[str, Any]:
         entries[SSL_PROTOCOL] = version
     leaf = sock.getpeercert(binary_form=True)
     if leaf:
-        chain: tuple[bytes, ...] = (leaf,)
-        get_verified_chain = getattr(sock, "get_verified_chain", None)
-        if get_verified_chain is not None:
-            chain = tuple(_der(cert) for cert in get_verified_chain()) or chain
+        sent = tuple(_der(cert) for cert in _unverified_chain(sock))
+        # OpenSSL keeps the leaf first in what the client sent; fall back to it alone.
         entries[SSL_CLIENT_CERT] = leaf
-        entries[SSL_CLIENT_CERT_CHAIN] = chain
+        entries[SSL_CLIENT_CERT_CHAIN] = sent if sent and sent[0] == leaf else (leaf,)
     return entries
+
+
+def _unverified_chain(sock: ssl.SSLSocket) -> list[object]:
+    """Returns the certificates the peer sent (SSL_get_peer_cert_chain), leaf first."""
+    # Python 3.13 made it public as SSLSocket.get_unverified_chain(); 3.10 to 3.12 have the
+    # same C function on the private _ssl._SSLSocket object behind the SSLSocket. An
+    # interpreter without either gives the leaf alone, and a label can then list the
+    # manufacturer intermediates in est.toml (manufacturer_intermediates).
+    public = getattr(sock, "get_unverified_chain", None)
+    if public is None:
+        public = getattr(getattr(sock, "_sslobj", None), "get_unverified_chain", None)
+    if public is None:
+        return []
+    chain = public()
+    return list(chain) if chain else []
 
 
 def _der(cert: object) -> bytes:

@@ -182,7 +182,13 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
         else:
             abort(404)
         with session_scope(runtime.db) as session:
-            record = CRLRepository(session).latest(issuer_id, is_delta=is_delta)
+            repo = CRLRepository(session)
+            # A delta is served only while it names the newest full CRL as its base.
+            record = (
+                repo.current_delta(issuer_id)
+                if is_delta
+                else repo.latest(issuer_id, is_delta=False)
+            )
         if record is None or record.crl_der is None:
             abort(404)
         response = Response(record.crl_der, 200, mimetype=CRL_TYPE)

@@ -88,8 +88,12 @@ class RevocationConfig(_Strict):
     # nextUpdate = thisUpdate + this, for full and delta CRLs (RFC 5280 5.1.2.5).
     crl_validity_hours: Annotated[int, Field(gt=0, le=24 * 366)] = 168
     delta_crl_validity_hours: Annotated[int, Field(gt=0, le=24 * 31)] = 24
-    # Full CRLs point at a delta CRL (Freshest CRL) when true.
+    # The intermediates publish a delta CRL with every full CRL, and the full CRL points at
+    # it (Freshest CRL), when true; when false no CRL carries a Freshest CRL.
     delta_crls: bool = True
+    # The scheduler renews a CRL once this fraction of its validity has passed (at the
+    # latest; revocations and the period make it due earlier).
+    crl_renew_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
 
 
 class AuditConfig(_Strict):

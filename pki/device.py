@@ -28,32 +28,46 @@ from collections.abc import Sequence
 
 from cryptography import x509
 
+from pki import binding as bindings
 from pki.clock import Clock
 from pki.csr import DEVICE_ID_RE
 from pki.errors import ErrorKind, PKIError, bad_request, conflict
+from pki.idevid import IDevID
 from pki.revocation import RevocationService
 from pki.store import Database, Device, DeviceState, Session, audit, session_scope
-from pki.store.enrollment_models import AuthFailure, EnrollmentSecret, SecretState
+from pki.store.enrollment_models import (
+    DeviceBinding,
+    EnrollmentSecret,
+    EnrollMethod,
+    SecretState,
+)
 from pki.store.enrollment_repository import (
     ApprovalRepository,
     AuthFailureRepository,
+    BindingRepository,
     DeviceRepository,
+    FailureCount,
     SecretRepository,
     login_state,
 )
 from pki.store.repository import CertificateRepository
+from pki.throttle import LoginThrottle
 
 SECRET_BYTES = 24  # 192 bits of entropy, 32 URL-safe characters
 MAX_SECRET_LENGTH = 256
 MAX_CSV_ERRORS = 20
-CSV_COLUMNS = ("id", "model", "batch")
+CSV_COLUMNS = ("id", "model", "batch", "manufacturer")
+_Row = tuple[int, str | None, str | None, str | None]  # line, model, batch, manufacturer
 
 # States in which a device may get a secret and enroll.
 ENROLLABLE = (DeviceState.REGISTERED, DeviceState.ENROLLED)
 
-# One message for every wrong, used, expired or unknown secret: which of them it was would
-# tell an attacker which device IDs exist and which secrets were once right.
+# One message for every wrong, used, expired or unknown secret and every lock-out: which of
+# them it was would tell an attacker which device IDs exist and which secrets were once right.
 BAD_SECRET = "enrollment secret is wrong, used or expired"  # noqa: S105 (a message)
+
+# The throttling key of a user name that cannot be a device ID (never a valid device ID).
+_INVALID_ID = "-"
 
 
 def unauthorized(message: str) -> PKIError:
@@ -118,6 +132,9 @@ class DeviceInfo:
     secret_expires_at: datetime.datetime | None = None
     failures: int = 0
     locked_until: datetime.datetime | None = None
+    enroll_method: str | None = None
+    manufacturer_sha256: str | None = None
+    idevid_sha256: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         def iso(t: datetime.datetime | None) -> str | None:
@@ -133,6 +150,9 @@ class DeviceInfo:
             "secret_expires_at": iso(self.secret_expires_at),
             "failed_logins": self.failures,
             "locked_until": iso(self.locked_until),
+            "enroll_method": self.enroll_method,
+            "manufacturer_sha256": self.manufacturer_sha256,
+            "idevid_sha256": self.idevid_sha256,
         }
 
 
@@ -167,7 +187,10 @@ class Authenticated:
 
 
 def _info(
-    device: Device, failure: AuthFailure | None, secret: EnrollmentSecret | None
+    device: Device,
+    failure: FailureCount | None,
+    secret: EnrollmentSecret | None,
+    binding: DeviceBinding | None = None,
 ) -> DeviceInfo:
     return DeviceInfo(
         device_id=device.id,
@@ -179,7 +202,16 @@ def _info(
         secret_expires_at=secret.expires_at if secret is not None else None,
         failures=failure.failures if failure is not None else 0,
         locked_until=failure.locked_until if failure is not None else None,
+        enroll_method=binding.method.value if binding is not None else None,
+        manufacturer_sha256=binding.manufacturer_sha256 if binding is not None else None,
+        idevid_sha256=binding.idevid_sha256 if binding is not None else None,
     )
+
+
+def _binding(device_id: str, manufacturer: str | None) -> DeviceBinding:
+    # A registered device is bound to secrets, or to its manufacturer when one is named.
+    method = EnrollMethod.SECRET if manufacturer is None else EnrollMethod.IDEVID
+    return DeviceBinding(device_id=device_id, method=method, manufacturer_sha256=manufacturer)
 
 
 def _check_id(device_id: str) -> str:
@@ -225,8 +257,8 @@ def _erase(session: Session, device: Device, now: datetime.datetime) -> tuple[st
     secrets_gone = SecretRepository(session).delete_of_device(device.id)
     if secrets_gone:
         erased.append(f"{secrets_gone} enrollment secret(s)")
-    if AuthFailureRepository(session).delete(device.id):
-        erased.append("failed-login record")
+    if AuthFailureRepository(session).reset(device.id):
+        erased.append("failed-login records")
     requests = ApprovalRepository(session).delete_of_device(device.id)
     if requests:
         erased.append(f"{requests} request(s) awaiting approval")
@@ -249,6 +281,7 @@ class DeviceService:
         *,
         secret_lifetime: datetime.timedelta = datetime.timedelta(hours=72),
         max_failures: int = 5,
+        max_address_failures: int = 50,
         lockout: datetime.timedelta = datetime.timedelta(minutes=15),
         revocation: RevocationService | None = None,
     ) -> None:
@@ -258,15 +291,28 @@ class DeviceService:
         self.secret_lifetime = secret_lifetime
         self.max_failures = max_failures
         self.lockout = lockout
+        self.throttle = LoginThrottle(
+            db,
+            max_failures=max_failures,
+            max_address_failures=max_address_failures,
+            window=lockout,
+        )
 
     # --- registry ---------------------------------------------------------------------
 
     def add(
-        self, device_id: str, *, model: str | None = None, batch: str | None = None, actor: str
+        self,
+        device_id: str,
+        *,
+        model: str | None = None,
+        batch: str | None = None,
+        manufacturer: str | None = None,
+        actor: str,
     ) -> DeviceInfo:
-        """Registers one device; a device ID can be registered only once."""
+        """Registers one device, for secrets or for one manufacturer's IDevID; once per ID."""
         _check_id(device_id)
         model, batch = _check_attr("model", model), _check_attr("batch", batch)
+        anchor = bindings.manufacturer_fingerprint(manufacturer) if manufacturer else None
         now = self.clock.now()
         with session_scope(self.db) as session:
             repo = DeviceRepository(session)
@@ -282,24 +328,30 @@ class DeviceService:
                     updated_at=now,
                 )
             )
+            binding = BindingRepository(session).add(_binding(device_id, anchor))
             audit.append(
                 session,
                 at=now,
                 actor=actor,
                 action="device.registered",
                 target=device_id,
-                details={"model": model, "batch": batch},
+                details={"model": model, "batch": batch, "manufacturer_sha256": anchor},
             )
-            return _info(device, None, None)
+            return _info(device, None, None, binding)
 
     def import_csv(self, text: str, *, actor: str, source: str = "CSV") -> ImportResult:
-        """Registers devices from CSV (header id[,model][,batch]); all or nothing, idempotent."""
+        """Registers devices from CSV (id[,model][,batch][,manufacturer]); all or nothing.
+
+        Idempotent: a device already registered with the same model and batch is left as it
+        is, binding included. A new device is bound to one-time secrets, or to the
+        manufacturer whose anchor's SHA-256 fingerprint its row names.
+        """
         rows, errors = self._parse_csv(text, source)
         now = self.clock.now()
         with session_scope(self.db) as session:
             repo = DeviceRepository(session)
             existing = repo.existing(rows)
-            for device_id, (line, model, batch) in rows.items():
+            for device_id, (line, model, batch, _maker) in rows.items():
                 have = existing.get(device_id)
                 if have is not None and (have.model, have.batch) != (model, batch):
                     errors.append(
@@ -320,10 +372,11 @@ class DeviceService:
                     created_at=now,
                     updated_at=now,
                 )
-                for device_id, (_line, model, batch) in rows.items()
+                for device_id, (_line, model, batch, _maker) in rows.items()
                 if device_id not in existing
             ]
             repo.add_all(new)
+            BindingRepository(session).add_all([_binding(d.id, rows[d.id][3]) for d in new])
             result = ImportResult(added=len(new), unchanged=len(rows) - len(new))
             if new:
                 audit.append(
@@ -343,12 +396,10 @@ class DeviceService:
         return result
 
     @staticmethod
-    def _parse_csv(
-        text: str, source: str
-    ) -> tuple[dict[str, tuple[int, str | None, str | None]], list[str]]:
+    def _parse_csv(text: str, source: str) -> tuple[dict[str, _Row], list[str]]:
         reader = csv.reader(io.StringIO(text))
         errors: list[str] = []
-        rows: dict[str, tuple[int, str | None, str | None]] = {}
+        rows: dict[str, _Row] = {}
         try:
             header = next(reader, None)
         except csv.Error as e:
@@ -359,7 +410,8 @@ class DeviceService:
         unknown = [c for c in columns if c not in CSV_COLUMNS]
         if unknown or "id" not in columns or len(set(columns)) != len(columns):
             raise bad_request(
-                f"{source}: line 1: header must name id and optionally model, batch "
+                f"{source}: line 1: header must name id and optionally model, batch, "
+                "manufacturer "
                 f"(got {','.join(columns)})"
             )
         try:
@@ -375,16 +427,18 @@ class DeviceService:
                     device_id = _check_id(fields["id"].strip())
                     model = _check_attr("model", fields.get("model"))
                     batch = _check_attr("batch", fields.get("batch"))
+                    maker = (fields.get("manufacturer") or "").strip() or None
+                    maker = bindings.manufacturer_fingerprint(maker) if maker else None
                 except PKIError as e:
                     errors.append(f"line {line}: {e.message}")
                     continue
                 seen = rows.get(device_id)
-                if seen is not None and seen[1:] != (model, batch):
+                if seen is not None and seen[1:] != (model, batch, maker):
                     errors.append(
                         f"line {line}: device {device_id} also on line {seen[0]} with other data"
                     )
                     continue
-                rows.setdefault(device_id, (line, model, batch))
+                rows.setdefault(device_id, (line, model, batch, maker))
         except csv.Error as e:
             errors.append(f"line {reader.line_num}: {e}")
         return rows, errors
@@ -394,8 +448,9 @@ class DeviceService:
         with session_scope(self.db) as session:
             device = DeviceRepository(session).get(device_id)
             active = SecretRepository(session).active(device_id)
-            failure = AuthFailureRepository(session).find(device_id)
-            return _info(device, failure, active[0] if active else None)
+            failure = AuthFailureRepository(session).of_device(device_id)
+            binding = BindingRepository(session).find(device_id)
+            return _info(device, failure, active[0] if active else None, binding)
 
     def list(
         self,
@@ -466,6 +521,12 @@ class DeviceService:
             device = DeviceRepository(session).get(device_id, for_update=True)
             if device.state not in ENROLLABLE:
                 raise conflict(f"device {device_id} is {device.state.value}: it cannot enroll")
+            binding = BindingRepository(session).find(device_id)
+            if binding is not None and binding.method is not EnrollMethod.SECRET:
+                raise conflict(
+                    f"device {device_id} enrolls with its manufacturer certificate (IDevID), "
+                    "not a secret"
+                )
             repo = SecretRepository(session)
             replaced = repo.replace_active(device_id)
             repo.add(
@@ -489,64 +550,58 @@ class DeviceService:
             )
         return NewSecret(device_id, secret, expires_at)
 
-    def authenticate(self, device_id: str, secret: str) -> Authenticated:
-        """Checks a device's one-time secret without spending it; failures are counted."""
+    def authenticate(self, device_id: str, secret: str, *, address: str = "") -> Authenticated:
+        """Checks a device's one-time secret without spending it; failures are throttled.
+
+        Every failure (unknown ID, wrong, used or expired secret, lock-out) is the same error
+        after the same work: one look-up of the throttle, one of the device, one hash
+        comparison (against a dummy when there is no stored hash) and one throttle write.
+        """
         now = self.clock.now()
-        if not DEVICE_ID_RE.match(device_id) or len(secret) > MAX_SECRET_LENGTH:
-            _burn_time(secret[:MAX_SECRET_LENGTH])
-            raise unauthorized(BAD_SECRET)
+        valid = DEVICE_ID_RE.match(device_id) is not None
+        key = device_id if valid else _INVALID_ID
+        secret = secret[: MAX_SECRET_LENGTH + 1]
+        address = address[:64]
+        locked = self.throttle.locked(key, address, now)
         with self.db.read_session() as session:
-            login = login_state(session, device_id)
-        state = login.state if login is not None else None
-        locked_until = login.locked_until if login is not None else None
+            login = login_state(session, key) if valid else None
         candidates = login.secrets if login is not None else ()
-        if state is None:
-            _burn_time(secret)
-            raise unauthorized(BAD_SECRET)
-        if locked_until is not None and locked_until > now:
-            raise unauthorized(
-                f"device {device_id} is locked after too many failed logins until "
-                f"{locked_until.isoformat()}"
-            )
+        # Without an active secret, the one that bought the device's certificate is checked
+        # instead (the same one hash comparison): a retry whose answer was lost.
+        spent = login.spent if login is not None and not candidates else None
         match = None
         for secret_id, hashed, expires_at in candidates:
             if verify_secret(secret, hashed) and expires_at > now:
                 match = secret_id
-        spent = login.spent if login is not None else None
-        spent_match = match is None and spent is not None and verify_secret(secret, spent[1])
-        if not candidates and spent is None:
+        if spent is not None:
+            if verify_secret(secret, spent[1]):
+                match = spent[0]
+        elif not candidates:
             _burn_time(secret)
-        if match is None and not spent_match:
-            self._count_failure(device_id, now)
-            raise unauthorized(BAD_SECRET)
-        if state not in ENROLLABLE:
-            raise forbidden(f"device {device_id} is {state.value}: it cannot enroll")
-        if match is None:
-            assert spent is not None
-            return Authenticated(device_id, spent[0], spent=True)
-        return Authenticated(device_id, match)
+        if login is None or match is None or locked or len(secret) > MAX_SECRET_LENGTH:
+            self.throttle.fail(key, address, now)
+            # The caller sees BAD_SECRET only; the refusal audit keeps which failure it was.
+            reason = (
+                "throttled"
+                if locked
+                else "unknown device"
+                if login is None
+                else "wrong, used or expired secret"
+            )
+            raise PKIError(ErrorKind.UNAUTHORIZED, BAD_SECRET, detail=reason)
+        if login.state not in ENROLLABLE:
+            raise forbidden(f"device {device_id} is {login.state.value}: it cannot enroll")
+        return Authenticated(device_id, match, spent=spent is not None)
 
-    def _count_failure(self, device_id: str, now: datetime.datetime) -> None:
-        with session_scope(self.db) as session:
-            row = AuthFailureRepository(session).locked(device_id, create_at=now)
-            if row.locked_until is not None and row.locked_until <= now:
-                row.failures = 0  # the lock-out served its time: count afresh
-                row.locked_until = None
-            row.failures += 1
-            row.last_failure_at = now
-            if row.failures >= self.max_failures:
-                row.locked_until = now + self.lockout
-                audit.append(
-                    session,
-                    at=now,
-                    actor=f"device:{device_id}",
-                    action="device.locked",
-                    target=device_id,
-                    details={
-                        "failures": row.failures,
-                        "locked_until": row.locked_until.isoformat(),
-                    },
-                )
+    def check_binding(self, device_id: str, idevid: IDevID, *, register: bool) -> None:
+        """Refuses, before anything is stored, an IDevID the device is not bound to."""
+        with self.db.read_session() as session:
+            device = DeviceRepository(session).find(device_id)
+            if device is None:
+                if not register:
+                    raise forbidden(f"device {device_id} is not registered")
+                return
+            bindings.check(device_id, BindingRepository(session).find(device_id), idevid)
 
     def record_enrollment(
         self,
@@ -556,6 +611,7 @@ class DeviceService:
         certificate_id: int,
         *,
         register: bool = False,
+        idevid: IDevID | None = None,
     ) -> None:
         """Spends the secret and marks the device enrolled, in the issued transaction.
 
@@ -582,6 +638,9 @@ class DeviceService:
             )
         if device.state not in ENROLLABLE:
             raise forbidden(f"device {device_id} is {device.state.value}: it cannot enroll")
+        if secret_id is not None or idevid is not None:
+            # Re-enrollment (neither) is by the device's own certificate: no binding applies.
+            bindings.bind(device, idevid, now)
         if secret_id is not None:
             if not SecretRepository(session).consume(secret_id, now, certificate_id):
                 raise unauthorized(BAD_SECRET)

@@ -22,10 +22,9 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
+from pki import idevid as idevids
 from pki import serverkeygen
 from pki.clock import Clock
 from pki.config import ConfigSet, ProfileConfig
@@ -35,6 +34,7 @@ from pki.enrollment_cycle import EnrollmentCycle, Grant
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
+from pki.idevid import IDevID
 from pki.issuer import IssuanceService, Issued, Issuer
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
@@ -92,6 +92,7 @@ class _Who:
     method: Method
     secret: Authenticated | None = None
     register: bool = False
+    idevid: IDevID | None = None
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -120,6 +121,7 @@ class EnrollmentService:
         devices: DeviceService,
         revocation: RevocationService,
         anchors: Mapping[str, Sequence[x509.Certificate]] | None = None,
+        intermediates: Mapping[str, Sequence[x509.Certificate]] | None = None,
     ) -> None:
         self.db = db
         self.clock = clock
@@ -130,6 +132,7 @@ class EnrollmentService:
         self.devices = devices
         self.revocation = revocation
         self.anchors = dict(anchors or {})
+        self.intermediates = dict(intermediates or {})
         self.cycle = EnrollmentCycle(db, clock, issuance, devices)
 
     # --- read-only operations ---------------------------------------------------------
@@ -307,42 +310,37 @@ class EnrollmentService:
     def _authenticate_initial(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> _Who:
         # RFC 7030 3.3.2: a client certificate that the server cannot use for this label does
         # not stop HTTP-based client authentication.
+        refused: PKIError | None = None
         if "idevid" in cfg.auth and identity.has_certificate:
-            device_id = self._idevid_device_id(name, cfg, identity)
-            if device_id is not None:
-                return _Who(device_id=device_id, method="idevid", register=True)
+            try:
+                idevid = self._idevid(name, cfg, identity)
+            except PKIError as e:
+                refused = e
+            else:
+                register = cfg.idevid_auto_register
+                self.devices.check_binding(idevid.device_id, idevid, register=register)
+                return _Who(idevid.device_id, "idevid", register=register, idevid=idevid)
         if "basic" in cfg.auth and identity.basic is not None:
-            auth = self.devices.authenticate(identity.basic.username, identity.basic.password)
-            return _Who(device_id=auth.device_id, method="basic", secret=auth)
-        if identity.has_certificate and "idevid" in cfg.auth:
-            raise forbidden(
-                f"the client certificate is not from a manufacturer label {name} trusts"
+            auth = self.devices.authenticate(
+                identity.basic.username, identity.basic.password, address=identity.address
             )
+            return _Who(device_id=auth.device_id, method="basic", secret=auth)
+        if refused is not None:
+            raise refused
         if "basic" in cfg.auth:
             raise unauthorized("authentication required: device ID and one-time secret")
         raise unauthorized(f"label {name} needs a client certificate")
 
-    def _idevid_device_id(
-        self, name: str, cfg: LabelConfig, identity: ClientIdentity
-    ) -> str | None:
-        leaf = identity.leaf()
-        now = self.clock.now()
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            return None
-        issuers = list(self.anchors.get(name, ()))
-        # A manufacturer intermediate the client sent counts if an anchor issued it.
-        for intermediate in identity.intermediates():
-            if any(_issued_by(intermediate, anchor) for anchor in issuers):
-                issuers.append(intermediate)
-        if not any(_issued_by(leaf, issuer) for issuer in issuers):
-            return None
-        oid = (
-            NameOID.SERIAL_NUMBER if cfg.idevid_device_id == "serialNumber" else NameOID.COMMON_NAME
+    def _idevid(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> IDevID:
+        # The chain as the client sent it (leaf first) and the label's configured
+        # intermediates; the path must end at one of this label's anchors.
+        return idevids.identify(
+            [identity.leaf(), *identity.intermediates()],
+            self.anchors.get(name, ()),
+            self.intermediates.get(name, ()),
+            self.clock.now(),
+            cfg.idevid_device_id,
         )
-        attrs = leaf.subject.get_attributes_for_oid(oid)
-        if not attrs:
-            raise forbidden(f"the manufacturer certificate has no subject {cfg.idevid_device_id}")
-        return str(attrs[0].value)
 
     def _our_current_certificate(
         self, cfg: LabelConfig, identity: ClientIdentity
@@ -362,10 +360,11 @@ class EnrollmentService:
                 raise forbidden("the client certificate was not issued by this CA")
             status, device_id, profile = record.status, record.device_id, record.profile
             not_after, reason = record.not_after, record.revocation_reason
+        # Re-enrollment is by the device's current certificate only; whether a newer one
+        # superseded it is decided under the device's lock (pki.enrollment_cycle: 409, or
+        # the successor again for the request that lost its answer).
         if status is CertificateStatus.REVOKED and reason != x509.ReasonFlags.superseded.value:
             raise forbidden(f"the client certificate {serial} is revoked")
-        # A superseded certificate goes on: the cycle answers 409, or hands the successor
-        # to the request that got it but lost the answer.
         if status not in (CertificateStatus.ISSUED, CertificateStatus.REVOKED):
             raise forbidden(f"the client certificate {serial} is not issued")
         if not_after <= self.clock.now():
@@ -457,6 +456,7 @@ class EnrollmentService:
             method=who.method,
             secret_id=who.secret.secret_id if who.secret is not None else None,
             register=who.register,
+            idevid=who.idevid,
             approval_digest=digest,
             renews=renews,
         )
@@ -482,13 +482,3 @@ class EnrollmentService:
             chain=chain,
             method=who.method,
         )
-
-
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    if cert.issuer != issuer.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(issuer)
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True

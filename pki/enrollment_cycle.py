@@ -32,6 +32,7 @@ from pki.config import ProfileConfig
 from pki.csr import CertificateRequest
 from pki.device import BAD_SECRET, DeviceService, forbidden, unauthorized
 from pki.errors import conflict
+from pki.idevid import IDevID
 from pki.issuer import IssuanceService, Issued, Issuer
 from pki.serial import serial_hex
 from pki.store import CertificateRecord, CertificateStatus, Database, Session, audit, session_scope
@@ -50,6 +51,8 @@ class Grant:
     method: str
     secret_id: int | None = None
     register: bool = False
+    # The manufacturer certificate an IDevID enrollment authenticated with (bound on use).
+    idevid: IDevID | None = None
     # SHA-256 of the approved CSR on a label with manual approval (not for re-enrollment).
     approval_digest: str | None = None
     # Re-enrollment: the serial of the certificate being renewed.
@@ -118,8 +121,8 @@ class EnrollmentCycle:
                     if _spki(key) == spki:
                         return _issued(record_id, serial, cert_der)
                 raise conflict(
-                    f"certificate {grant.renews} of device {grant.device_id} was already "
-                    f"renewed (serial {serial})"
+                    f"the client certificate {grant.renews} is superseded by a newer one "
+                    f"(serial {serial})"
                 )
             resumable = next(
                 (
@@ -207,7 +210,12 @@ class EnrollmentCycle:
         # The issued transaction: the secret is spent, the device enrolled, the approval
         # used and the stranded rows abandoned only together with the issued certificate.
         self.devices.record_enrollment(
-            session, grant.device_id, grant.secret_id, record_id, register=grant.register
+            session,
+            grant.device_id,
+            grant.secret_id,
+            record_id,
+            register=grant.register,
+            idevid=grant.idevid,
         )
         if grant.approval_digest is not None:
             approval = ApprovalRepository(session).find(

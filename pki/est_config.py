@@ -33,7 +33,11 @@ class LabelConfig(_Strict):
     manual_approval: bool = False
     serverkeygen: bool = False
     manufacturer_anchors: list[str] = Field(default_factory=list)
+    # Intermediates of those manufacturers, for clients (or a proxy) that send the leaf only.
+    manufacturer_intermediates: list[str] = Field(default_factory=list)
     idevid_device_id: Literal["serialNumber", "CN"] = "serialNumber"
+    # An IDevID of a trusted manufacturer may register a device the registry does not hold.
+    idevid_auto_register: bool = False
 
     @field_validator("auth")
     @classmethod
@@ -50,6 +54,8 @@ class LabelConfig(_Strict):
             raise ValueError("auth idevid needs manufacturer_anchors")
         if self.manufacturer_anchors and "idevid" not in self.auth:
             raise ValueError("manufacturer_anchors are only used with auth idevid")
+        if self.manufacturer_intermediates and "idevid" not in self.auth:
+            raise ValueError("manufacturer_intermediates are only used with auth idevid")
         return self
 
 
@@ -59,6 +65,7 @@ class ESTConfig(_Strict):
     default_label: str | None = None
     secret_lifetime_hours: Annotated[int, Field(gt=0, le=24 * 365)] = 72
     max_failures: Annotated[int, Field(gt=0, le=1000)] = 5
+    max_address_failures: Annotated[int, Field(gt=0, le=100000)] = 50
     lockout_minutes: Annotated[int, Field(ge=1, le=24 * 60)] = 15
     max_body_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16384
     supersede_grace_seconds: Annotated[int, Field(ge=0, le=90 * 86400)] = 0
@@ -167,28 +174,39 @@ def load_est_config(config: ConfigSet, path: Path | None = None) -> ESTConfig:
 
 def load_anchors(est: ESTConfig, label: str, data_dir: Path) -> list[x509.Certificate]:
     """Reads a label's manufacturer trust anchors (PEM files, relative to the data directory)."""
+    names = est.labels[label].manufacturer_anchors
+    return _load_pems(label, "manufacturer_anchors", names, data_dir)
+
+
+def load_intermediates(est: ESTConfig, label: str, data_dir: Path) -> list[x509.Certificate]:
+    """Reads a label's manufacturer intermediates (PEM files, relative to the data directory)."""
+    names = est.labels[label].manufacturer_intermediates
+    return _load_pems(label, "manufacturer_intermediates", names, data_dir)
+
+
+def _load_pems(label: str, key: str, names: list[str], data_dir: Path) -> list[x509.Certificate]:
     out: list[x509.Certificate] = []
-    for name in est.labels[label].manufacturer_anchors:
+    for name in names:
         path = Path(name) if Path(name).is_absolute() else data_dir / name
         try:
             certs = x509.load_pem_x509_certificates(path.read_bytes())
         except FileNotFoundError:
-            raise config_error(
-                f"{EST_FILE}: labels.{label}.manufacturer_anchors: {path} not found"
-            ) from None
+            raise config_error(f"{EST_FILE}: labels.{label}.{key}: {path} not found") from None
         except ValueError:
             raise config_error(
-                f"{EST_FILE}: labels.{label}.manufacturer_anchors: {path} holds no PEM certificate"
+                f"{EST_FILE}: labels.{label}.{key}: {path} holds no PEM certificate"
             ) from None
         out.extend(certs)
     return out
 
 
 def anchor_paths(est: ESTConfig, data_dir: Path) -> list[Path]:
-    """Lists every manufacturer anchor file of every label, for the TLS client CA list."""
+    """Lists every manufacturer anchor and intermediate file, for the TLS client CA list."""
+    # OpenSSL builds client paths up to a self-signed certificate of this list (no partial
+    # chains), so an intermediate here helps a leaf-only client without becoming an anchor.
     seen: list[Path] = []
     for label in est.labels.values():
-        for name in label.manufacturer_anchors:
+        for name in (*label.manufacturer_anchors, *label.manufacturer_intermediates):
             path = Path(name) if Path(name).is_absolute() else data_dir / name
             if path not in seen:
                 seen.append(path)

@@ -20,11 +20,12 @@ class BasicCredentials:
 
 @dataclasses.dataclass(frozen=True)
 class ClientIdentity:
-    """ClientIdentity is what a client proved: Basic credentials and a verified TLS chain.
+    """ClientIdentity is what a client proved: Basic credentials, a TLS chain, its address.
 
-    `tls_chain_der` is leaf first. It is filled only with a certificate that the TLS layer
-    (our gunicorn worker, against the configured client CAs) or a trusted reverse proxy
-    verified; the domain still checks which anchor it chains to, per label.
+    `tls_chain_der` is the chain as the client sent it, leaf first. It is filled only when
+    the TLS layer (our gunicorn worker, against the configured client CAs) or a trusted
+    reverse proxy verified the leaf; the domain still builds and checks the path to the
+    anchors of the label itself. `address` is the client's IP address, for throttling.
     """
 
     basic: BasicCredentials | None = None
@@ -47,6 +48,7 @@ class ClientIdentity:
             raise bad_request("client certificate does not parse") from None
 
     def intermediates(self) -> list[x509.Certificate]:
+        """Parses the other certificates the client sent; ones that do not parse are left out."""
         out = []
         for der in self.tls_chain_der[1:]:
             try:

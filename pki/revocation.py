@@ -1,7 +1,8 @@
 """Revocation: marking certificates revoked in the store, audited, with listeners told.
 
 A revocation is a database write and nothing more (Boulder's way): in the same transaction
-it records a revocation event (for delta CRLs) and forgets the certificate's pre-signed OCSP
+it records a revocation event (for delta CRLs), advances the issuer's revocation marker (which
+makes the next CRL due, pki/crl_publisher.py) and forgets the certificate's pre-signed OCSP
 response, so the validation authority answers the next request live from the certificates
 table and says `revoked` from the moment of the commit, even when the revoking process holds
 no OCSP signer key. Listeners then re-sign the response or schedule a CRL where they can.
@@ -92,6 +93,7 @@ class RevocationService:
             record = store.certificates.by_serial(serial_hex, issuer_id, for_update=True)
             result = _revoke_record(store, record, reason, now)
             if result.changed:
+                store.write_changes()
                 audit.append(
                     session,
                     at=now,
@@ -132,6 +134,8 @@ class RevocationService:
             results = tuple(_revoke_record(store, r, reason, now) for r in records)
             for device_id in known:
                 _set_device(store, device_id, reason, now)
+            # One marker step per issuer for the whole list: the next CRL holds all or none.
+            store.write_changes()
             audit.append(
                 session,
                 at=now,
@@ -163,12 +167,12 @@ class RevocationService:
             record.revoked_at = None
             record.revocation_reason = None
             store.events.add(record, "released", None, now)
-            store.responses.forget(record.id)
             if record.device_id is not None:
                 device = store.device(record.device_id)
                 if device is not None and device.state is DeviceState.SUSPENDED:
                     device.state = DeviceState.ENROLLED
                     device.updated_at = now
+            store.write_changes()
             audit.append(
                 session,
                 at=now,
@@ -251,9 +255,9 @@ def _revoke_record(
             record.revoked_at = now
         record.status = CertificateStatus.REVOKED
         record.revocation_reason = reason.value
+        # write_changes() also drops the stored response: a "good" one must not outlive this
+        # commit (invariant 5).
         store.events.add(record, action, reason.value, now)
-        # The stored "good" response must not outlive this commit (invariant 3).
-        store.responses.forget(record.id)
         if record.device_id is not None:
             _set_device(store, record.device_id, reason, now)
     return Revoked(record.issuer_id, serial_hex, reason, changed)

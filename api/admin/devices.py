@@ -23,13 +23,18 @@ MAX_DEVICES = 100_000
 def _csv_of(devices: list[Any]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["id", "model", "batch"])
+    writer.writerow(["id", "model", "batch", "manufacturer"])
     for i, item in enumerate(devices, start=1):
         if not isinstance(item, dict):
             raise bad_request(f"devices[{i}]: must be an object with id, model, batch")
-        values = [item.get("id") or item.get("device_id"), item.get("model"), item.get("batch")]
+        values = [
+            item.get("id") or item.get("device_id"),
+            item.get("model"),
+            item.get("batch"),
+            item.get("manufacturer"),
+        ]
         if not all(v is None or isinstance(v, str) for v in values):
-            raise bad_request(f"devices[{i}]: id, model and batch must be strings")
+            raise bad_request(f"devices[{i}]: id, model, batch and manufacturer must be strings")
         writer.writerow([v or "" for v in values])
     return out.getvalue()
 

@@ -64,7 +64,8 @@ class _FileLocks:
         if f is None:
             # Never closed: closing any descriptor of the file would drop every record
             # lock this process holds on it (POSIX fcntl semantics).
-            f = open(path, "ab")  # noqa: SIM115
+            # Mode 0600 like the database beside it (the data directory is the owner's).
+            f = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
             self._files[path] = f
         return f
 

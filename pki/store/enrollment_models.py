@@ -1,4 +1,4 @@
-"""SQLAlchemy models of enrollment: one-time secrets, login failures and pending approvals."""
+"""SQLAlchemy models of enrollment: bindings, one-time secrets, login failures, approvals."""
 
 from __future__ import annotations
 
@@ -49,12 +49,52 @@ class EnrollmentSecret(Base):
     )
 
 
-class AuthFailure(Base):
-    """AuthFailure counts a device's failed logins since its last success, and its lock-out."""
+class EnrollMethod(enum.Enum):
+    """How a device proves itself on its initial enrollment (re-enrollment: its certificate)."""
 
-    __tablename__ = "auth_failures"
+    SECRET = "secret"  # noqa: S105 (a method name)
+    IDEVID = "idevid"
+
+
+class DeviceBinding(Base):
+    """DeviceBinding says how a device may enroll: by secret, or by one manufacturer's IDevID.
+
+    A device without a binding (registered before bindings existed) is bound by its first
+    enrollment. For IDevID devices the IDevID itself is bound on first use.
+    """
+
+    __tablename__ = "device_bindings"
 
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.id"), primary_key=True)
+    method: Mapped[EnrollMethod] = mapped_column(
+        Enum(
+            EnrollMethod,
+            name="enroll_method",
+            native_enum=False,
+            length=16,
+            values_callable=_values,
+        )
+    )
+    # SHA-256 of the manufacturer trust anchor's DER (hex), for IDevID devices.
+    manufacturer_sha256: Mapped[str | None] = mapped_column(String(64))
+    # SHA-256 of the bound IDevID certificate's DER (hex), set on its first enrollment.
+    idevid_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
+    idevid_issuer: Mapped[str | None] = mapped_column(String(512))
+    idevid_serial: Mapped[str | None] = mapped_column(String(64))
+    bound_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuthFailure(Base):
+    """AuthFailure counts failed logins of one (device ID, source address), or of an address.
+
+    The per-address counter has the empty device ID. The device ID is whatever the client
+    sent (not a foreign key): an unknown ID is counted exactly like a known one.
+    """
+
+    __tablename__ = "login_failures"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    address: Mapped[str] = mapped_column(String(64), primary_key=True)
     failures: Mapped[int] = mapped_column(Integer)
     last_failure_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     locked_until: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)

@@ -1,4 +1,4 @@
-"""Repositories of the device registry and enrollment: devices, secrets, failures, approvals."""
+"""Repositories of the device registry and enrollment: devices, bindings, secrets, failures."""
 
 from __future__ import annotations
 
@@ -6,19 +6,21 @@ import dataclasses
 import datetime
 from collections.abc import Iterable, Sequence
 
-from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import and_, case, delete, func, literal, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, object_session
+from sqlalchemy.sql.elements import ColumnElement
 
 from pki.errors import internal, not_found
 from pki.store.enrollment_models import (
     ApprovalState,
     AuthFailure,
+    DeviceBinding,
     EnrollmentSecret,
     PendingApproval,
     SecretState,
 )
-from pki.store.models import Device, DeviceState
+from pki.store.models import Device, DeviceState, UTCDateTime
 
 
 def session_of(obj: object) -> Session:
@@ -31,10 +33,9 @@ def session_of(obj: object) -> Session:
 
 @dataclasses.dataclass(frozen=True)
 class LoginState:
-    """LoginState is what checking a one-time secret needs: device state, lock-out, secrets."""
+    """LoginState is what checking a one-time secret needs: the device state and its secrets."""
 
     state: DeviceState
-    locked_until: datetime.datetime | None
     # (secret id, stored hash, expiry) of each active secret, newest first.
     secrets: tuple[tuple[int, str, datetime.datetime], ...]
     # (secret id, stored hash) of the newest spent secret that bought a certificate: its
@@ -47,14 +48,12 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
     query = (
         select(
             Device.state,
-            AuthFailure.locked_until,
             EnrollmentSecret.id,
             EnrollmentSecret.secret_hash,
             EnrollmentSecret.expires_at,
             EnrollmentSecret.state,
         )
         .select_from(Device)
-        .outerjoin(AuthFailure, AuthFailure.device_id == Device.id)
         .outerjoin(
             EnrollmentSecret,
             and_(
@@ -74,12 +73,10 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
     rows = session.execute(query).all()
     if not rows:
         return None
-    spent = next(((r[2], r[3]) for r in rows if r[5] is SecretState.USED), None)
     return LoginState(
         state=rows[0][0],
-        locked_until=rows[0][1],
-        secrets=tuple((r[2], r[3], r[4]) for r in rows if r[5] is SecretState.ACTIVE),
-        spent=spent,
+        secrets=tuple((r[1], r[2], r[3]) for r in rows if r[4] is SecretState.ACTIVE),
+        spent=next(((r[1], r[2]) for r in rows if r[4] is SecretState.USED), None),
     )
 
 
@@ -197,50 +194,132 @@ class SecretRepository:
         return int(getattr(result, "rowcount", 0) or 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class FailureCount:
+    """FailureCount is a login-failure counter after one more failure was added."""
+
+    failures: int
+    locked_until: datetime.datetime | None
+
+
 class AuthFailureRepository:
-    """AuthFailureRepository counts failed logins per device and remembers lock-outs."""
+    """AuthFailureRepository counts failed logins per source address and (device, address)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
 
-    def find(self, device_id: str) -> AuthFailure | None:
-        return self.session.get(AuthFailure, device_id)
+    def locked(self, keys: Sequence[tuple[str, str]], now: datetime.datetime) -> bool:
+        """Says whether any of the (device ID, address) counters is locked at `now` (one query)."""
+        query = (
+            select(func.count())
+            .select_from(AuthFailure)
+            .where(or_(*(_key(device_id, address) for device_id, address in keys)))
+            .where(AuthFailure.locked_until > now)
+        )
+        return bool(self.session.execute(query).scalar_one())
 
-    def locked(self, device_id: str, *, create_at: datetime.datetime) -> AuthFailure:
-        """Returns the device's counter row, locked for update, creating it at zero if needed."""
-        query = select(AuthFailure).where(AuthFailure.device_id == device_id).with_for_update()
-        row = self.session.execute(query).scalar_one_or_none()
-        if row is not None:
-            return row
-        try:
-            with self.session.begin_nested():
-                row = AuthFailure(
-                    device_id=device_id, failures=0, last_failure_at=create_at, locked_until=None
-                )
-                self.session.add(row)
-        except IntegrityError:
-            # Another failure for the same device created the row first.
-            row = self.session.execute(query).scalar_one()
-        return row
+    def add(
+        self,
+        device_id: str,
+        address: str,
+        now: datetime.datetime,
+        *,
+        limit: int,
+        window: datetime.timedelta,
+    ) -> FailureCount:
+        """Adds one failure to a counter in one statement (an upsert); locks it at `limit`.
 
-    def delete(self, device_id: str) -> bool:
-        """Deletes a device's failure record; True if it had one."""
+        A counter whose last failure is older than `window`, or whose lock-out has served
+        its time, counts afresh; a locked counter keeps counting but its lock is not extended.
+        """
+        table = AuthFailure.__table__
+        c = table.c
+        at = literal(now, UTCDateTime)
+        stale = literal(now - window, UTCDateTime)
+        failures = case(
+            (c.locked_until > at, c.failures + 1),
+            (c.locked_until.is_not(None), 1),
+            (c.last_failure_at <= stale, 1),
+            else_=c.failures + 1,
+        )
+        locked_until = case(
+            (c.locked_until > at, c.locked_until),
+            (failures >= limit, literal(now + window, UTCDateTime)),
+            else_=None,
+        )
+        first_lock = now + window if limit <= 1 else None
+        values = {
+            "device_id": device_id,
+            "address": address,
+            "failures": 1,
+            "last_failure_at": now,
+            "locked_until": first_lock,
+        }
+        dialect = self.session.get_bind().dialect.name
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        upsert = (
+            insert(AuthFailure)
+            .values(values)
+            .on_conflict_do_update(
+                index_elements=[c.device_id, c.address],
+                set_={"failures": failures, "locked_until": locked_until, "last_failure_at": at},
+            )
+            .returning(AuthFailure.failures, AuthFailure.locked_until)
+        )
+        row = self.session.execute(upsert).one()
+        return FailureCount(failures=row[0], locked_until=row[1])
+
+    def of_device(self, device_id: str) -> FailureCount | None:
+        """Sums a device's counters over all addresses, with its latest lock-out."""
+        query = select(func.sum(AuthFailure.failures), func.max(AuthFailure.locked_until)).where(
+            AuthFailure.device_id == device_id
+        )
+        total, until = self.session.execute(query).one()
+        if total is None:
+            return None
+        return FailureCount(failures=int(total), locked_until=until)
+
+    def reset(self, device_id: str) -> int:
+        """Forgets a device's failed logins from every address (one DELETE); returns how many."""
         result = self.session.execute(
             delete(AuthFailure)
             .where(AuthFailure.device_id == device_id)
             .execution_options(synchronize_session=False)
         )
-        return int(getattr(result, "rowcount", 0) or 0) > 0
+        return int(getattr(result, "rowcount", 0) or 0)
 
-    def reset(self, device_id: str) -> None:
-        """Clears a device's failure count and lock-out, if it has any (one UPDATE)."""
-        self.session.execute(
-            update(AuthFailure)
-            .where(AuthFailure.device_id == device_id)
-            .where((AuthFailure.failures != 0) | AuthFailure.locked_until.is_not(None))
-            .values(failures=0, locked_until=None)
+    def prune(self, before: datetime.datetime) -> int:
+        """Deletes counters whose last failure and lock-out are both before `before`."""
+        result = self.session.execute(
+            delete(AuthFailure)
+            .where(AuthFailure.last_failure_at < before)
+            .where(or_(AuthFailure.locked_until.is_(None), AuthFailure.locked_until < before))
             .execution_options(synchronize_session=False)
         )
+        return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _key(device_id: str, address: str) -> ColumnElement[bool]:
+    return and_(AuthFailure.device_id == device_id, AuthFailure.address == address)
+
+
+class BindingRepository:
+    """BindingRepository stores how each device may enroll."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def find(self, device_id: str) -> DeviceBinding | None:
+        return self.session.get(DeviceBinding, device_id)
+
+    def add(self, binding: DeviceBinding) -> DeviceBinding:
+        self.session.add(binding)
+        self.session.flush()
+        return binding
+
+    def add_all(self, bindings: Sequence[DeviceBinding]) -> None:
+        self.session.add_all(bindings)
+        self.session.flush()
 
 
 class ApprovalRepository:

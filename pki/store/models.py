@@ -88,6 +88,10 @@ class IssuerRecord(Base):
     cert_der: Mapped[bytes | None] = mapped_column(LargeBinary)
     fingerprint_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    # Advanced by every transaction that changes the revocation state of a certificate of this
+    # issuer. The row lock of the update orders those transactions, so the values follow the
+    # commit order: a CRL that read marker M holds every change up to M (pki/crl_publisher.py).
+    revocation_marker: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class CertificateRecord(Base):

@@ -20,8 +20,10 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
+    insert,
     or_,
     select,
+    update,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
@@ -29,10 +31,19 @@ from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 from pki.errors import ErrorKind, PKIError, not_found
 from pki.store.db import Database
 from pki.store.lean import LeanQuery
-from pki.store.models import Base, CertificateRecord, CertificateStatus, Device, UTCDateTime
+from pki.store.models import (
+    Base,
+    CertificateRecord,
+    CertificateStatus,
+    Device,
+    IssuerRecord,
+    UTCDateTime,
+)
 from pki.store.repository import CertificateRepository
 
 _ID = BigInteger().with_variant(Integer, "sqlite")
+# Rows per IN (...) list: SQLite allows 32,766 bound parameters per statement.
+_IN_CHUNK = 10_000
 
 
 class CRLRecord(Base):
@@ -60,16 +71,23 @@ class CRLRecord(Base):
     entries: Mapped[int] = mapped_column(Integer, default=0)
     crl_der: Mapped[bytes | None] = mapped_column(LargeBinary)
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    # The issuer's revocation marker, read before the entries: the CRL holds every change up
+    # to it. None on CRLs published before markers existed.
+    marker: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RevocationEvent(Base):
     """RevocationEvent records each change of a certificate's revocation state, for delta CRLs.
 
-    action is "revoked", "reason_changed" or "released" (removed from certificateHold).
+    action is "revoked", "reason_changed" or "released" (removed from certificateHold); marker
+    is the issuer's revocation marker that the event's transaction advanced to.
     """
 
     __tablename__ = "revocation_events"
-    __table_args__ = (Index("ix_revocation_events_issuer_at", "issuer_id", "at"),)
+    __table_args__ = (
+        Index("ix_revocation_events_issuer_at", "issuer_id", "at"),
+        Index("ix_revocation_events_issuer_marker", "issuer_id", "marker"),
+    )
 
     id: Mapped[int] = mapped_column(_ID, primary_key=True)
     issuer_id: Mapped[str] = mapped_column(ForeignKey("issuers.id"))
@@ -78,6 +96,7 @@ class RevocationEvent(Base):
     action: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(String(32))
     at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    marker: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class OCSPResponseRecord(Base):
@@ -203,11 +222,20 @@ class CertificateStateReader:
         for batch in self.session.connection().execute(query).partitions():
             yield from batch
 
-    def changed_since(self, issuer_id: str, since: datetime.datetime) -> list[CertificateState]:
-        """Returns the certificates whose revocation state changed at or after `since`."""
+    def marker(self, issuer_id: str) -> int:
+        """Returns the issuer's revocation marker: every change up to it has committed."""
+        value = self.session.execute(
+            select(IssuerRecord.revocation_marker).where(IssuerRecord.id == issuer_id)
+        ).scalar_one_or_none()
+        if value is None:
+            raise not_found(f"no issuer {issuer_id!r}")
+        return int(value)
+
+    def changed_after(self, issuer_id: str, marker: int) -> list[CertificateState]:
+        """Returns the certificates whose revocation state changed after the marker."""
         changed = (
             select(RevocationEvent.certificate_id)
-            .where(RevocationEvent.issuer_id == issuer_id, RevocationEvent.at >= since)
+            .where(RevocationEvent.issuer_id == issuer_id, RevocationEvent.marker > marker)
             .distinct()
         )
         rows = self.session.execute(
@@ -217,13 +245,11 @@ class CertificateStateReader:
         ).all()
         return [_state(r) for r in rows]
 
-    def first_change_since(
-        self, issuer_id: str, since: datetime.datetime
-    ) -> datetime.datetime | None:
-        """Returns when the issuer's earliest revocation change at or after `since` happened."""
+    def first_change_after(self, issuer_id: str, marker: int) -> datetime.datetime | None:
+        """Returns when the issuer's earliest revocation change after the marker happened."""
         value = self.session.execute(
             select(func.min(RevocationEvent.at)).where(
-                RevocationEvent.issuer_id == issuer_id, RevocationEvent.at >= since
+                RevocationEvent.issuer_id == issuer_id, RevocationEvent.marker > marker
             )
         ).scalar_one_or_none()
         if value is None:
@@ -442,9 +468,17 @@ class OCSPResponseRepository:
 
     def forget(self, certificate_id: int) -> None:
         """Removes a certificate's stored response (its status changed)."""
-        self.session.execute(
-            delete(OCSPResponseRecord).where(OCSPResponseRecord.certificate_id == certificate_id)
-        )
+        self.forget_all([certificate_id])
+
+    def forget_all(self, certificate_ids: Sequence[int]) -> None:
+        """Removes the stored responses of certificates whose status changed."""
+        ids = sorted(set(certificate_ids))
+        for start in range(0, len(ids), _IN_CHUNK):
+            self.session.execute(
+                delete(OCSPResponseRecord)
+                .where(OCSPResponseRecord.certificate_id.in_(ids[start : start + _IN_CHUNK]))
+                .execution_options(synchronize_session=False)
+            )
 
     def count(self, issuer_id: str | None = None) -> int:
         query = select(func.count()).select_from(OCSPResponseRecord)
@@ -474,6 +508,7 @@ class CRLRepository:
         base_number: int | None,
         this_update: datetime.datetime,
         next_update: datetime.datetime,
+        marker: int,
     ) -> CRLRecord:
         """Reserves the next CRL number of the issuer; raises CRLNumberClash when raced."""
         highest = self.session.execute(
@@ -490,6 +525,7 @@ class CRLRepository:
             entries=0,
             crl_der=None,
             created_at=this_update,
+            marker=marker,
         )
         self.session.add(record)
         try:
@@ -521,6 +557,19 @@ class CRLRepository:
             .first()
         )
 
+    def current_delta(self, issuer_id: str) -> CRLRecord | None:
+        """Returns the newest signed delta CRL whose base is the newest signed full CRL.
+
+        RFC 5280 §5.2.4: a delta lists the changes since the complete CRL it names; one that
+        names an older base is not served beside a newer full CRL."""
+        base = self.latest(issuer_id, is_delta=False)
+        if base is None:
+            return None
+        delta = self.latest(issuer_id, is_delta=True)
+        if delta is None or delta.base_number != base.crl_number:
+            return None
+        return delta
+
     def numbers(self, issuer_id: str) -> list[int]:
         """Returns the issuer's signed CRL numbers in the order they were stored."""
         return list(
@@ -541,24 +590,58 @@ class CRLRepository:
 
 
 class RevocationEventRepository:
-    """RevocationEventRepository appends revocation state changes for delta CRLs."""
+    """RevocationEventRepository records revocation state changes under the issuers' markers."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
+        self._queued: list[dict[str, Any]] = []
 
     def add(
         self, record: CertificateRecord, action: str, reason: str | None, at: datetime.datetime
     ) -> None:
-        self.session.add(
-            RevocationEvent(
-                issuer_id=record.issuer_id,
-                certificate_id=record.id,
-                serial_hex=record.serial_hex,
-                action=action,
-                reason=reason,
-                at=at,
-            )
+        """Queues a change; write() stores the queue under the issuers' next markers."""
+        self._queued.append(
+            {
+                "issuer_id": record.issuer_id,
+                "certificate_id": record.id,
+                "serial_hex": record.serial_hex,
+                "action": action,
+                "reason": reason,
+                "at": at,
+            }
         )
+
+    def queued_certificates(self) -> list[int]:
+        """Returns the ids of the certificates whose changes are queued."""
+        return [e["certificate_id"] for e in self._queued]
+
+    def write(self) -> dict[str, int]:
+        """Advances the marker of each issuer with queued changes, stores the changes under it
+        and returns the new markers; the last write of a revoking transaction.
+
+        The certificate rows are written (locked) first and each issuer row after them, in
+        issuer order, the same order in every revoking transaction: concurrent revocations
+        queue on the issuer row rather than deadlock, and take marker values in the order
+        they commit. A transaction that commits after a publisher read marker M has a marker
+        above M, which makes the next CRL due (pki/crl_publisher.py)."""
+        if not self._queued:
+            return {}
+        self.session.flush()
+        markers: dict[str, int] = {}
+        for issuer_id in sorted({e["issuer_id"] for e in self._queued}):
+            self.session.execute(
+                update(IssuerRecord)
+                .where(IssuerRecord.id == issuer_id)
+                .values(revocation_marker=IssuerRecord.revocation_marker + 1)
+                .execution_options(synchronize_session=False)
+            )
+            markers[issuer_id] = CertificateStateReader(self.session).marker(issuer_id)
+        self.session.execute(
+            insert(RevocationEvent),
+            [{**e, "marker": markers[e["issuer_id"]]} for e in self._queued],
+        )
+        self._queued.clear()
+        return markers
 
 
 class AdminTokenRepository:
@@ -589,18 +672,25 @@ class RevocationStore:
         self.reader = CertificateStateReader(session)
         self.events = RevocationEventRepository(session)
         self.responses = OCSPResponseRepository(session)
+        self._devices: dict[str, Device] = {}
 
     def device(self, device_id: str) -> Device | None:
-        return self.session.get(Device, device_id)
+        loaded = self._devices.get(device_id)
+        return loaded if loaded is not None else self.session.get(Device, device_id)
 
     def known_devices(self, device_ids: Sequence[str]) -> list[str]:
-        """Returns which of the listed device ids are registered."""
-        if not device_ids:
-            return []
-        return list(
-            self.session.execute(
-                select(Device.id).where(Device.id.in_(sorted(set(device_ids)))).order_by(Device.id)
-            )
-            .scalars()
-            .all()
-        )
+        """Returns which of the listed device ids are registered, and keeps their rows, so
+        that changing them one by one reads nothing more."""
+        wanted = sorted(set(device_ids))
+        for start in range(0, len(wanted), _IN_CHUNK):
+            rows = self.session.execute(
+                select(Device).where(Device.id.in_(wanted[start : start + _IN_CHUNK]))
+            ).scalars()
+            self._devices.update((d.id, d) for d in rows)
+        return sorted(d for d in wanted if d in self._devices)
+
+    def write_changes(self) -> dict[str, int]:
+        """Ends a revoking transaction's writes: drops the changed certificates' pre-signed
+        OCSP responses, stores the queued events and advances the issuers' markers."""
+        self.responses.forget_all(self.events.queued_certificates())
+        return self.events.write()

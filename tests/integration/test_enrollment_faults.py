@@ -212,4 +212,3 @@ def test_worker_killed_after_pending_record_devices_enroll_on_retry(front: Front
     _wait_for(front, "backends of the killed worker still alive", gone, 0, pids=waiting)
     _wait_healthz(front.ca, front.process, front.port, front.log_path, healthy=True)
     _retry_and_check(front, secrets, bodies, first)
-

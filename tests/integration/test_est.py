@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import email.parser
 import email.policy
+import http.client
 import shutil
 import socket
 import ssl
@@ -32,7 +33,7 @@ from pki.store.enrollment_models import EnrollmentSecret
 from tests.conftest import CONFIG_DIR, drop_postgres_database, fresh_postgres_database
 from tests.csrs import der, device_csr
 from tests.integration.conftest import PKI, DevCA, free_port, make_dev_ca
-from tests.integration.tls_pki import Issued, make_ca
+from tests.integration.tls_pki import Issued, make_ca, with_chain
 
 HOST = "127.0.0.1"
 EST = "/.well-known/est"
@@ -44,6 +45,7 @@ issuer = "devices"
 profile = "device"
 auth = ["idevid", "reenroll"]
 manufacturer_anchors = ["manufacturers/acme.pem"]
+idevid_auto_register = true
 """
 
 
@@ -305,6 +307,31 @@ def _curl(front: CAFront, *args: str) -> tuple[int, bytes]:
     return int(code), body
 
 
+def _raw_enroll(
+    front: CAFront, source: str, user: str, password: str, body: bytes
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """POSTs simpleenroll from a given loopback source address; status, headers, body."""
+    context = ssl.create_default_context(cafile=front.cacert)
+    context.check_hostname = False
+    connection = http.client.HTTPSConnection(
+        HOST, front.port, context=context, source_address=(source, 0), timeout=60
+    )
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    try:
+        connection.request(
+            "POST",
+            f"{EST}/simpleenroll",
+            body=body,
+            headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"},
+        )
+        response = connection.getresponse()
+        content = response.read()
+        headers = sorted((k.lower(), v) for k, v in response.getheaders() if k.lower() != "date")
+        return response.status, headers, content
+    finally:
+        connection.close()
+
+
 def _write_pem(path: Path, cert: x509.Certificate) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
@@ -433,16 +460,21 @@ class TestEnroll:
         assert codes.count(409) + codes.count(401) == 7, codes
         assert front.snapshot()[0] == before + 1
 
-    def test_repeated_failures_lock_the_device_out(self, front: CAFront) -> None:
+    def test_failures_from_one_address_never_lock_out_another(self, front: CAFront) -> None:
         secret = front.register("LOCK-0001")
         body, _ = _b64_csr("LOCK-0001")
+        # Another address is throttled only by its own failures.
+        before = _raw_enroll(front, "127.0.0.2", "NO-SUCH-DEVICE", "guess", body)
         for _ in range(5):
-            r = front.post(f"{EST}/simpleenroll", body, auth=("LOCK-0001", "guess"))
-            assert r.status_code == 401
-        r = front.post(f"{EST}/simpleenroll", body, auth=("LOCK-0001", secret))
-        assert r.status_code == 401
-        assert "locked" in r.text
+            known = _raw_enroll(front, "127.0.0.1", "LOCK-0001", "guess", body)
+        locked = _raw_enroll(front, "127.0.0.1", "LOCK-0001", secret, body)
+        unknown = _raw_enroll(front, "127.0.0.1", "NO-SUCH-DEVICE", "guess", body)
         assert '"locked_until": "' in front.ca.pki("device", "show", "LOCK-0001").stdout
+        # Unknown, known with a wrong secret, locked out: the same bytes on the wire.
+        assert before[0] == 401 and before[2] == b"" and ("content-length", "0") in before[1]
+        assert known == locked == unknown == before
+        status, _, _ = _raw_enroll(front, "127.0.0.2", "LOCK-0001", secret, body)
+        assert status == 200
 
     @staticmethod
     def _csv(front: CAFront) -> Path:
@@ -614,6 +646,45 @@ class TestIDevID:
                 _b64_csr("ACME-666")[0],
                 cert=(str(front.rogue.cert_path), str(front.rogue.key_path)),
             )
+        assert front.snapshot() == before
+
+    def test_idevid_through_a_manufacturer_intermediate(self, front: CAFront) -> None:
+        # The client sends leaf + intermediate; the app sees both (Python 3.11 included) and
+        # builds the path to the label's anchor itself.
+        sub = make_ca(front.work, "acme-sub", "Acme Device Sub-CA", front.manufacturer)
+        idevid = with_chain(_idevid(front.work, sub, "ACME-0100", "acme-0100"), sub)
+        r = front.post(
+            f"{EST}/factory/simpleenroll",
+            _b64_csr("ACME-0100")[0],
+            cert=(str(idevid.cert_path), str(idevid.key_path)),
+        )
+        assert r.status_code == 200, r.text
+        shown = front.ca.pki("device", "show", "ACME-0100").stdout
+        assert '"enroll_method": "idevid"' in shown
+
+    @pytest.mark.parametrize("flaw", ["expired", "not-ca"])
+    def test_bad_manufacturer_intermediate_refused(self, front: CAFront, flaw: str) -> None:
+        expired = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)
+        sub = make_ca(
+            front.work,
+            f"acme-{flaw}",
+            f"Acme {flaw} Sub-CA",
+            front.manufacturer,
+            ca=flaw != "not-ca",
+            not_after=expired if flaw == "expired" else None,
+        )
+        idevid = with_chain(_idevid(front.work, sub, "ACME-0101", f"acme-{flaw}-0101"), sub)
+        before = front.snapshot()
+        try:
+            r = front.post(
+                f"{EST}/factory/simpleenroll",
+                _b64_csr("ACME-0101")[0],
+                cert=(str(idevid.cert_path), str(idevid.key_path)),
+            )
+        except requests.exceptions.ConnectionError:
+            pass  # the TLS layer refused the chain before the app saw it
+        else:
+            assert r.status_code == 403, r.text
         assert front.snapshot() == before
 
     def test_idevid_serial_mismatch_403(self, front: CAFront) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.integration.tls_pki import Issued, issue, make_ca
+from tests.integration.tls_pki import Issued, issue, make_ca, with_chain
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
@@ -33,6 +33,7 @@ class TLSServer:
     server_ca: Issued
     client: Issued
     rogue: Issued
+    chained: Issued
     log_path: Path
 
 
@@ -65,6 +66,8 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
     server = issue(directory, "server", server_ca, "localhost", server=True)
     client = issue(directory, "client", client_ca, "device-0001", server=False)
     rogue = issue(directory, "rogue", other_ca, "device-rogue", server=False)
+    sub_ca = make_ca(directory, "client-sub-ca", "Test Device Sub-CA", client_ca)
+    chained = with_chain(issue(directory, "chained", sub_ca, "device-0002", server=False), sub_ca)
 
     port = _free_port()
     config = directory / "gunicorn.conf.py"
@@ -94,7 +97,9 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSServer]:
         )
     try:
         _wait_for_port(port, process, log_path)
-        yield TLSServer(f"https://{HOST}:{port}/", port, server_ca, client, rogue, log_path)
+        yield TLSServer(
+            f"https://{HOST}:{port}/", port, server_ca, client, rogue, chained, log_path
+        )
     finally:
         process.terminate()
         try:
@@ -147,6 +152,19 @@ class TestPeerCertificate:
         assert subject == "CN=device-0001,O=iot-pki tests"
         assert protocol == "TLSv1.3"
         assert chain_length == "1"
+
+    @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+    def test_peer_chain_reaches_app_as_sent(
+        self, tls_server: TLSServer, version: ssl.TLSVersion
+    ) -> None:
+        # Leaf and intermediate, on this interpreter (3.11 has no public get_unverified_chain).
+        context = _client_context(tls_server, tls_server.chained)
+        context.maximum_version = version
+        response = _raw_request(tls_server, context)
+        assert response.startswith(b"HTTP/1.1 200")
+        body = response.split(b"\r\n\r\n", 1)[1].decode()
+        subject, _protocol, chain_length = body.splitlines()
+        assert (subject, chain_length) == ("CN=device-0002,O=iot-pki tests", "2")
 
     def test_peer_with_unrelated_ca_cert_is_refused(self, tls_server: TLSServer) -> None:
         # TLS 1.3: the client's handshake completes before the server checks the certificate,

@@ -49,20 +49,28 @@ def _write(
     return Issued(cert, key, cert_path, key_path)
 
 
-def make_ca(directory: Path, stem: str, common_name: str) -> Issued:
-    """Makes a self-signed CA certificate."""
+def make_ca(
+    directory: Path,
+    stem: str,
+    common_name: str,
+    parent: Issued | None = None,
+    *,
+    ca: bool = True,
+    not_after: datetime.datetime | None = None,
+) -> Issued:
+    """Makes a CA certificate: self-signed, or an intermediate of `parent`."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     name = _name(common_name)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
-        .issuer_name(name)
+        .issuer_name(name if parent is None else parent.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .not_valid_before(now - datetime.timedelta(days=2))
+        .not_valid_after(not_after or now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -70,17 +78,29 @@ def make_ca(directory: Path, stem: str, common_name: str) -> Issued:
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_cert_sign=ca,
+                crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if parent is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()),
+            critical=False,
+        )
+    cert = builder.sign(key if parent is None else parent.key, hashes.SHA256())
     return _write(directory, stem, cert, key)
+
+
+def with_chain(leaf: Issued, *intermediates: Issued) -> Issued:
+    """Appends intermediates to a certificate's PEM file, as a client sends its chain."""
+    pem = b"".join(i.cert.public_bytes(serialization.Encoding.PEM) for i in intermediates)
+    leaf.cert_path.write_bytes(leaf.cert_path.read_bytes() + pem)
+    return leaf
 
 
 def issue(

@@ -108,11 +108,19 @@ class TestPublishFull:
         assert lint.blocking(lint.lint_crl(published.crl_der)) == []
 
     def test_publish_stores_latest_and_numbers_increase(self, setup: Setup) -> None:
-        numbers = [setup.publisher.publish(setup.h.devices).crl_number for _ in range(3)]
-        assert numbers == [1, 2, 3]
+        published = [setup.publisher.publish(setup.h.devices) for _ in range(3)]
+        # Each full CRL comes with its delta, which takes the next number.
+        assert [p.crl_number for p in published] == [1, 3, 5]
+        assert [(p.delta.crl_number, p.delta.base_number) for p in published if p.delta] == [
+            (2, 1),
+            (4, 3),
+            (6, 5),
+        ]
         with session_scope(setup.h.db) as s:
             latest = CRLRepository(s).latest("devices", is_delta=False)
-            assert latest is not None and latest.crl_number == 3
+            assert latest is not None and latest.crl_number == 5
+            current = CRLRepository(s).current_delta("devices")
+            assert current is not None and current.crl_number == 6
 
     def test_publish_drops_expired(self, setup: Setup) -> None:
         cert = issue_device(setup.h).certificate
@@ -267,6 +275,9 @@ class TestConcurrency:
             t.join(timeout=120)
         every = results[0] + results[1]
         assert len(every) == 16 and len(set(every)) == 16
+        # Each full CRL's delta took the number after it.
+        every += [n + 1 for n in every]
+        assert len(set(every)) == 32
         for own in results:
             assert own == sorted(own) and len(set(own)) == len(own)
         with session_scope(hierarchy.db) as s:
@@ -343,7 +354,9 @@ class TestLintSample:
             setup.revoke(issue_device(setup.h, name).certificate.serial_number)
         published = setup.publisher.publish(setup.h.devices)
         assert len(serials(published.crl_der)) == 5
-        (sample_der,) = linted
+        # The sample of the full CRL, then its (empty) delta.
+        sample_der, delta_der = linted
+        assert serials(delta_der) == set()
         sample = x509.load_der_x509_crl(sample_der)
         # The first, the smallest and the largest serial (the first may be one of those).
         assert 2 <= len(serials(sample_der)) <= 3

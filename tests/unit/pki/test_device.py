@@ -1,17 +1,22 @@
-"""Tests for pki.device: registry, CSV import, one-time secrets, failure lock-out."""
+"""Tests for pki.device: registry, CSV import, one-time secrets, throttled failed logins."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import logging
 import threading
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
+import pki.device
 from pki.clock import FixedClock
 from pki.device import (
+    BAD_SECRET,
     SECRET_BYTES,
     DeviceService,
     hash_secret,
@@ -19,7 +24,7 @@ from pki.device import (
 )
 from pki.errors import ErrorKind, PKIError
 from pki.store import AuditEvent, Database, Device, DeviceState, session_scope
-from pki.store.enrollment_models import EnrollmentSecret, SecretState
+from pki.store.enrollment_models import AuthFailure, EnrollmentSecret, SecretState
 
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
@@ -37,6 +42,21 @@ def devices(db: Database, clock: FixedClock) -> DeviceService:
 def _count(db: Database, model: type[object]) -> int:
     with session_scope(db) as s:
         return int(s.execute(select(func.count()).select_from(model)).scalar_one())
+
+
+@contextlib.contextmanager
+def _statements(db: Database) -> Iterator[list[str]]:
+    """Collects the SQL statements the engine runs inside the block."""
+    seen: list[str] = []
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement.strip())
+
+    event.listen(db.engine, "before_cursor_execute", listener)
+    try:
+        yield seen
+    finally:
+        event.remove(db.engine, "before_cursor_execute", listener)
 
 
 def _scrypt_hash(secret: str) -> str:
@@ -231,15 +251,28 @@ class TestSecrets:
         new = devices.new_secret("D-1", actor="t")
         for _ in range(3):
             with pytest.raises(PKIError):
-                devices.authenticate("D-1", "wrong")
+                devices.authenticate("D-1", "wrong", address="192.0.2.1")
         info = devices.show("D-1")
         assert info.failures == 3
         assert info.locked_until == T0 + datetime.timedelta(minutes=10)
         with pytest.raises(PKIError) as e:
-            devices.authenticate("D-1", new.secret)
-        assert "locked" in e.value.message
+            devices.authenticate("D-1", new.secret, address="192.0.2.1")
+        # The lock-out says nothing that a wrong secret would not say.
+        assert (e.value.kind, e.value.message) == (ErrorKind.UNAUTHORIZED, BAD_SECRET)
         clock.advance(datetime.timedelta(minutes=10))
-        assert devices.authenticate("D-1", new.secret).device_id == "D-1"
+        assert devices.authenticate("D-1", new.secret, address="192.0.2.1").device_id == "D-1"
+
+    def test_failures_from_one_address_do_not_lock_out_another(
+        self, devices: DeviceService
+    ) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        for _ in range(5):
+            with pytest.raises(PKIError):
+                devices.authenticate("D-1", "wrong", address="127.0.0.1")
+        with pytest.raises(PKIError):
+            devices.authenticate("D-1", new.secret, address="127.0.0.1")
+        assert devices.authenticate("D-1", new.secret, address="127.0.0.2").device_id == "D-1"
 
     def test_failures_of_one_device_do_not_lock_another(self, devices: DeviceService) -> None:
         devices.add("D-1", actor="t")
@@ -249,6 +282,73 @@ class TestSecrets:
             with pytest.raises(PKIError):
                 devices.authenticate("D-1", "wrong")
         assert devices.authenticate("D-2", new.secret).device_id == "D-2"
+
+    def test_many_ids_from_one_address_throttle_the_address(
+        self, db: Database, clock: FixedClock
+    ) -> None:
+        devices = DeviceService(db, clock, max_failures=3, max_address_failures=4)
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        for i in range(4):
+            with pytest.raises(PKIError):
+                devices.authenticate(f"GUESS-{i}", "wrong", address="198.51.100.7")
+        with pytest.raises(PKIError) as e:
+            devices.authenticate("D-1", new.secret, address="198.51.100.7")
+        assert e.value.message == BAD_SECRET
+        rows_before = _count(db, AuthFailure)
+        for i in range(10):
+            with pytest.raises(PKIError):
+                devices.authenticate(f"MORE-{i}", "wrong", address="198.51.100.7")
+        # A throttled address adds no per-device counters, however many IDs it makes up.
+        assert _count(db, AuthFailure) == rows_before
+        assert devices.authenticate("D-1", new.secret, address="198.51.100.8").device_id == "D-1"
+
+    def test_stale_counters_are_pruned(
+        self, db: Database, devices: DeviceService, clock: FixedClock
+    ) -> None:
+        for i in range(3):
+            with pytest.raises(PKIError):
+                devices.authenticate(f"GONE-{i}", "wrong", address="192.0.2.9")
+        assert devices.throttle.prune(clock.now()) == 0  # still counting
+        clock.advance(datetime.timedelta(minutes=5))
+        with pytest.raises(PKIError):
+            devices.authenticate("GONE-0", "wrong", address="192.0.2.9")
+        clock.advance(datetime.timedelta(minutes=6))
+        # GONE-1 and GONE-2 idle for a window; GONE-0 and the address counted 6 minutes ago.
+        assert devices.throttle.prune(clock.now()) == 2
+        assert _count(db, AuthFailure) == 2
+
+    def test_unknown_id_costs_what_a_known_one_costs(
+        self, db: Database, devices: DeviceService, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        devices.add("D-1", actor="t")
+        new = devices.new_secret("D-1", actor="t")
+        hashes: list[str] = []
+        real_verify = pki.device.verify_secret
+
+        def counting_verify(secret: str, stored: str) -> bool:
+            hashes.append(stored)
+            return real_verify(secret, stored)
+
+        monkeypatch.setattr(pki.device, "verify_secret", counting_verify)
+
+        def cost(device_id: str, secret: str, address: str) -> tuple[int, list[str], int]:
+            hashes.clear()
+            with _statements(db) as statements, pytest.raises(PKIError) as e:
+                devices.authenticate(device_id, secret, address=address)
+            assert (e.value.kind, e.value.message) == (ErrorKind.UNAUTHORIZED, BAD_SECRET)
+            writes = [s for s in statements if s.split()[0] in ("INSERT", "UPDATE", "DELETE")]
+            return len(statements), [h.split("$")[0] for h in hashes], len(writes)
+
+        known = cost("D-1", "wrong", "192.0.2.1")
+        unknown = cost("NO-SUCH-1", "wrong", "192.0.2.2")
+        assert known == unknown
+        assert known[1] == ["sha256"] and known[2] == 2  # one hash, two counter upserts
+        for _ in range(3):
+            cost("D-1", "wrong", "192.0.2.3")
+            cost("NO-SUCH-2", "wrong", "192.0.2.4")
+        # Locked out: a known ID with its right secret costs what an unknown one does.
+        assert cost("D-1", new.secret, "192.0.2.3") == cost("NO-SUCH-2", "x", "192.0.2.4")
 
     def test_concurrent_failures_counted(self, db: Database, devices: DeviceService) -> None:
         devices.add("D-1", actor="t")

@@ -38,6 +38,19 @@ class _Issuers:
         return self.by_id[issuer_id]
 
 
+CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def _manufacturer(name: str = "Acme Manufacturing CA") -> tuple[x509.Certificate, Any]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -51,6 +64,7 @@ def _manufacturer(name: str = "Acme Manufacturing CA") -> tuple[x509.Certificate
         .not_valid_before(now - datetime.timedelta(days=1))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(CA_KEY_USAGE, critical=True)
         .sign(key, hashes.SHA256())
     )
     return cert, key
@@ -83,6 +97,7 @@ def _est(h: Hierarchy, **changes: Any) -> ESTConfig:
         "profile": "device",
         "auth": ["idevid", "reenroll"],
         "manufacturer_anchors": ["acme.pem"],
+        "idevid_auto_register": True,
     }
     base.update(changes)
     return ESTConfig.model_validate(base)
@@ -294,6 +309,28 @@ class TestReenroll:
         assert renewed.certificate.subject == first.certificate.subject
         assert renewed.method == "reenroll"
         assert _status(hierarchy.db, first.serial_hex) == (CertificateStatus.REVOKED, "superseded")
+
+    def test_reenroll_with_superseded_certificate_conflicts(
+        self, make_service: Callable[..., EnrollmentService], hierarchy: Hierarchy
+    ) -> None:
+        # Within the grace period the superseded certificate is still unrevoked, but only the
+        # current one re-enrolls.
+        service = make_service(supersede_grace_seconds=3600)
+        first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
+        csr, _ = device_csr("DEV-1")
+        current = service.reenroll(der(csr), None, _tls(first.cert_der))
+        assert _status(hierarchy.db, first.serial_hex)[0] is CertificateStatus.ISSUED
+        before = _certs(hierarchy.db)
+        # The same request again (its answer lost) gets the successor again; another key
+        # gets nothing: the renewal already happened.
+        again = service.reenroll(der(csr), None, _tls(first.cert_der))
+        assert again.cert_der == current.cert_der
+        other, _ = device_csr("DEV-1")
+        with pytest.raises(PKIError) as e:
+            service.reenroll(der(other), None, _tls(first.cert_der))
+        assert e.value.kind is ErrorKind.CONFLICT and "superseded" in e.value.message
+        assert _certs(hierarchy.db) == before
+        assert service.reenroll(der(csr), None, _tls(current.cert_der)).device_id == "DEV-1"
 
     def test_reenroll_with_revoked_certificate_forbidden(
         self, service: EnrollmentService, hierarchy: Hierarchy

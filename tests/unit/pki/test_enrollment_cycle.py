@@ -279,7 +279,7 @@ class TestDecommission:
         done = service.devices.decommission("DEV-1", actor="t")
 
         assert set(done.revoked) == {first.serial_hex, second.serial_hex}
-        assert done.erased == ("model", "batch", "2 enrollment secret(s)", "failed-login record")
+        assert done.erased == ("model", "batch", "2 enrollment secret(s)", "failed-login records")
         with session_scope(hierarchy.db) as s:
             rows = s.execute(
                 select(CertificateRecord.status, CertificateRecord.revocation_reason).where(
@@ -290,7 +290,8 @@ class TestDecommission:
                 (CertificateStatus.REVOKED, "cessationOfOperation")
             }
             assert s.execute(select(func.count()).select_from(EnrollmentSecret)).scalar_one() == 0
-            assert s.execute(select(func.count()).select_from(AuthFailure)).scalar_one() == 0
+            failures = select(func.count()).where(AuthFailure.device_id == "DEV-1")
+            assert s.execute(failures).scalar_one() == 0
         info = service.devices.show("DEV-1")
         assert (info.state, info.model, info.batch) == (DeviceState.DECOMMISSIONED, None, None)
         # The audit trail keeps what happened before, and says what was revoked and erased.
