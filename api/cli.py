@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import stat
 import sys
 import time
 from pathlib import Path
@@ -18,10 +19,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import hsm
 from api import cli_audit, cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
 from api.cli_actor import actor as _actor
+from api.escape import escape
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
-from pki.csr import CertificateRequest, check_request, key_type_of, load_csr
-from pki.errors import ErrorKind, PKIError
+from pki.csr import (
+    CertificateRequest,
+    check_request,
+    check_text,
+    key_type_of,
+    load_csr,
+    normalize_sans,
+    normalize_subject,
+)
+from pki.errors import ErrorKind, PKIError, bad_request
 from pki.issuer import IssuanceHook, Issued
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, session_scope
@@ -35,7 +45,7 @@ EXIT_CODES = {
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {escape(message)}", err=True)
     sys.exit(code)
 
 
@@ -244,6 +254,15 @@ def ceremony_ocsp_signer(ctx: click.Context, issuer_id: str, key_type: str) -> N
 # --- dev bootstrap --------------------------------------------------------------------
 
 
+def _private_dir(path: Path) -> None:
+    """Makes the data directory accessible to its owner only (token, PINs, database)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    # Never narrow a shared directory given by mistake (sticky: /tmp) or someone else's.
+    if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
+        path.chmod(0o700)
+
+
 def _write_secret(path: Path, value: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -260,20 +279,26 @@ def issue_server_certificate(
     key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = []
     for n in names:
+        check_text(f"server name {n[:80]!r}", n)
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+            continue
         except ValueError:
-            sans.append(x509.DNSName(n))
+            pass
+        if not n.isascii():
+            raise bad_request(f"server name {n[:80]!r}: write international names as A-labels")
+        sans.append(x509.DNSName(n))
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, names[0])])
+    profile = rt.config.profile("server")
+    # Operator-given names pass the profile's checks (characters, length, syntax) too.
     request = CertificateRequest(
-        subject=subject,
-        sans=tuple(sans),
+        subject=normalize_subject(subject, profile),
+        sans=normalize_sans(sans, profile),
         public_key=key.public_key(),
         key_type=key_type_of(key.public_key()),
         device_id=None,
         challenge_password=None,
     )
-    profile = rt.config.profile("server")
     issuer = rt.issuer(issuer_id or rt.issuer_for_profile("server"))
     issued = rt.issuance().issue(issuer, profile, request, actor=_actor())
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,7 +336,7 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     cfg = rt.config.ca.hsm
     if not cfg.softhsm_conf or not cfg.pin_file:
         raise PKIError(ErrorKind.CONFIG, "ca.toml: hsm: --dev needs softhsm_conf and pin_file")
-    dev_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(dev_dir)
     pin_path = rt.path(cfg.pin_file)
     so_path = pin_path.with_name("hsm-so.pin")
     if not pin_path.exists():
@@ -455,7 +480,7 @@ def cert_list(
             else:
                 click.echo(
                     f"{r.serial_hex:<34} {r.issuer_id:<12} {r.status.value:<8} "
-                    f"{r.profile:<12} {r.not_after:%Y-%m-%d} {r.subject}"
+                    f"{r.profile:<12} {r.not_after:%Y-%m-%d} {escape(r.subject)}"
                 )
 
 
@@ -471,7 +496,9 @@ def issuer_list(ctx: click.Context) -> None:
     rt = _runtime(ctx)
     with session_scope(rt.db) as session:
         for r in IssuerRepository(session).all():
-            click.echo(f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} {r.subject}")
+            click.echo(
+                f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} {escape(r.subject)}"
+            )
 
 
 @main.group("key")

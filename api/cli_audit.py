@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives import serialization
 
 from api.cli_actor import actor as _actor
 from api.cli_revoke import _runtime
+from api.escape import escape
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
 from pki.errors import config_error, not_found
@@ -213,6 +214,6 @@ def register(group: click.Group, ceremony: click.Group) -> None:
         with session_scope(rt.db) as session:
             for ev in audit.recent(session, last):
                 click.echo(
-                    f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {ev.actor:<20} {ev.action:<22} "
-                    f"{ev.target} {ev.details}"
+                    f"{ev.seq:>6} {ev.at:%Y-%m-%dT%H:%M:%SZ} {escape(ev.actor):<20} "
+                    f"{ev.action:<22} {escape(ev.target)} {escape(ev.details)}"
                 )

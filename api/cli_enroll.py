@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from api.cli_actor import actor as _actor
+from api.escape import escape
 from api.runtime import Runtime
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig, anchor_paths, load_est_config
@@ -113,18 +114,31 @@ def device_import(ctx: click.Context, csv_file: Path) -> None:
     help="Write the secret to this file (mode 0600).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the secret on standard output.")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    help="EST label the secret is valid on (repeatable; default: the default label).",
+)
 @click.pass_context
-def device_secret(ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool) -> None:
+def device_secret(
+    ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool, labels: tuple[str, ...]
+) -> None:
     """Draw a new one-time enrollment secret; an unused older one stops working."""
     from api.app_ca import device_service
 
     if (out is None) == (not to_stdout):
         raise click.UsageError("say where the secret goes: --out FILE or --stdout (one of them)")
     rt = _runtime(ctx)
-    new = device_service(rt, _est(rt)).new_secret(device_id, actor=_actor())
+    est = _est(rt)
+    valid_on = est.secret_labels(labels)
+    new = device_service(rt, est).new_secret(device_id, actor=_actor(), labels=valid_on)
     if out is not None:
         _write_private(out, new.secret + "\n")
-        click.echo(f"secret for {device_id} written to {out}, valid until {new.expires_at}")
+        click.echo(
+            f"secret for {device_id} written to {out}, valid on label(s) {', '.join(valid_on)} "
+            f"until {new.expires_at}"
+        )
     else:
         click.echo(new.secret)
         click.echo(f"valid until {new.expires_at.isoformat()}", err=True)
@@ -162,8 +176,8 @@ def device_list(
             click.echo(json.dumps(info.as_dict()))
         else:
             click.echo(
-                f"{info.device_id:<24} {info.state.value:<14} {info.model or '-':<16} "
-                f"{info.batch or '-'}"
+                f"{info.device_id:<24} {info.state.value:<14} {escape(info.model or '-'):<16} "
+                f"{escape(info.batch or '-')}"
             )
 
 
@@ -191,28 +205,32 @@ def enrollment() -> None:
 
 
 @enrollment.command("approve")
-@click.argument("device_id")
+@click.argument("request_id", type=int)
 @click.pass_context
-def enrollment_approve(ctx: click.Context, device_id: str) -> None:
-    """Approve a device's waiting request; its next retry gets the certificate."""
+def enrollment_approve(ctx: click.Context, request_id: int) -> None:
+    """Approve one waiting request (ID from `pending`); its next retry gets the certificate."""
     from api.app_ca import enrollment_service
 
     rt = _runtime(ctx)
-    count = enrollment_service(rt, _est(rt)).approve(device_id, actor=_actor())
-    click.echo(f"approved {count} request(s) of device {device_id}")
+    done = enrollment_service(rt, _est(rt)).approve(request_id, actor=_actor())
+    click.echo(
+        f"approved request {done.approval_id} of device {done.device_id}: "
+        f"{escape(done.subject)}, key sha256 {done.key_sha256}"
+    )
 
 
 @enrollment.command("pending")
 @click.pass_context
 def enrollment_pending(ctx: click.Context) -> None:
-    """List requests waiting for approval."""
+    """List requests waiting for approval: ID, device, label, requested subject, key."""
     from api.app_ca import enrollment_service
 
     rt = _runtime(ctx)
-    for approval_id, device_id, label, operation, since in enrollment_service(
-        rt, _est(rt)
-    ).pending_approvals():
-        click.echo(f"{approval_id:>6} {device_id:<24} {label:<12} {operation:<14} {since:%FT%TZ}")
+    for r in enrollment_service(rt, _est(rt)).pending_approvals():
+        click.echo(
+            f"{r.approval_id:>6} {r.device_id:<24} {r.label:<12} {r.operation:<13} "
+            f"{r.since:%FT%TZ} key-sha256:{r.key_sha256} {escape(r.subject)}"
+        )
 
 
 @enrollment.command("sweep")

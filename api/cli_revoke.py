@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from api.cli_actor import actor as _actor
 from api.runtime import Runtime
 from pki.admin_token import AdminTokenService, parse_role
 from pki.ceremony import CeremonyService
-from pki.crl_publisher import CRLPublisher
+from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
+from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
 from pki.revocation import RevocationService, parse_reason
 from pki.serial import parse_serial, serial_hex
@@ -190,6 +192,12 @@ def register(group: click.Group) -> None:
             targets = list(issuer_ids) or [i for i, c in issuers.items() if c.parent is not None]
         config = rt.crl_config()
         publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, config)
+        jobs = Jobs(rt.db, rt.clock)
+        when_due = (
+            (datetime.timedelta(minutes=period_minutes), datetime.timedelta(seconds=delay_seconds))
+            if if_due
+            else None
+        )
         for issuer_id in targets:
             if delta and (not config.deltas or _is_root(rt, issuer_id)):
                 if if_due:
@@ -199,29 +207,33 @@ def register(group: click.Group) -> None:
                         ErrorKind.CONFIG, "delta CRLs are off (ca.toml [revocation] delta_crls)"
                     )
                 raise PKIError(ErrorKind.CONFLICT, f"{issuer_id} is a root: its CRL has no delta")
-            why = "requested"
-            if if_due:
-                found = publisher.due(
-                    issuer_id,
-                    delta=delta,
-                    period=datetime.timedelta(minutes=period_minutes),
-                    delay=datetime.timedelta(seconds=delay_seconds),
-                )
-                if found is None:
-                    click.echo(f"{issuer_id}: not due")
+            job = jobs.crl(
+                publisher,
+                issuer_id,
+                functools.partial(rt.online_issuer, issuer_id),
+                delta=delta,
+                when_due=when_due,
+            )
+            published = job.published
+            if job.offline:
+                # An offline root signs its CRL in a ceremony, and the file is imported here.
+                hint = "the issuer key is not in this token: sign it where the key is and import it"
+                if job.why is None:  # asked for by hand
+                    raise PKIError(ErrorKind.NOT_FOUND, f"{issuer_id}: {hint} (pki crl import)")
+                if job.why == PERIOD_ELAPSED:
+                    # The period paces CRLs signed here; an imported one is due only before
+                    # its nextUpdate or after a revocation.
+                    click.echo(f"{issuer_id}: not due (key offline, CRL imported)")
                     continue
-                why = found
-                click.echo(f"{issuer_id}: due ({why})", err=True)
-            issuer = rt.online_issuer(issuer_id)
-            if issuer is None:
-                # An offline root signs its CRL in a ceremony; the file is imported here.
                 click.echo(
-                    f"{issuer_id}: CRL due ({why}) but the issuer key is not in this token: "
-                    f"sign it where the key is and import it (pki crl import)",
-                    err=True,
+                    f"{issuer_id}: CRL due ({job.why}) but {hint} (pki crl import)", err=True
                 )
                 continue
-            published = publisher.publish(issuer, delta=delta)
+            if published is None:
+                click.echo(f"{issuer_id}: {job.why}")  # not due, or another scheduler's job
+                continue
+            if job.why is not None:
+                click.echo(f"{issuer_id}: due ({job.why})", err=True)
             for crl in (published, published.delta):
                 if crl is None:
                     continue
@@ -245,7 +257,7 @@ def register(group: click.Group) -> None:
     def ocsp_presign(ctx: click.Context, issuer_id: str | None) -> None:
         """Sign a response for every issued, unexpired certificate that lacks a fresh one."""
         rt = _runtime(ctx)
-        result = _presigner(rt).run(issuer_id)
+        result = Jobs(rt.db, rt.clock).presign(_presigner(rt), issuer_id)
         for iid, count in sorted(result.signed.items()):
             click.echo(f"{iid}: {count} responses signed")
         for iid, why in sorted(result.skipped.items()):
@@ -284,7 +296,7 @@ def register(group: click.Group) -> None:
         targets = list(issuer_ids) or [
             i for i, c in rt.config.ca.issuers.items() if c.ocsp_signer_key_label
         ]
-        now = rt.clock.now()
+        jobs = Jobs(rt.db, rt.clock)
         for issuer_id in targets:
             cfg = rt.config.ca.issuers.get(issuer_id)
             if cfg is None or not cfg.ocsp_signer_key_label:
@@ -292,17 +304,23 @@ def register(group: click.Group) -> None:
                     ErrorKind.CONFIG,
                     f"ca.toml: issuers.{issuer_id}.ocsp_signer_key_label is not set",
                 )
-            with session_scope(rt.db) as session:
-                not_after = CertificateStateReader(session).signer_not_after(issuer_id)
-            if not force and not_after is not None and not_after - now > margin:
-                click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
-                continue
-            label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
-            key = rt.generate_key(label, key_type, actor=_actor())
-            issuer = rt.issuer(issuer_id)
-            issued = CeremonyService(rt.issuance()).ocsp_signer(
-                issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
-            )
+            # Checked under the job's lock: a second scheduler sees the first one's signer.
+            with jobs.exclusive(f"renew-signer:{issuer_id}") as held:
+                if not held:
+                    click.echo(f"{issuer_id}: {BUSY}")
+                    continue
+                now = rt.clock.now()
+                with session_scope(rt.db) as session:
+                    not_after = CertificateStateReader(session).signer_not_after(issuer_id)
+                if not force and not_after is not None and not_after - now > margin:
+                    click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
+                    continue
+                label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
+                key = rt.generate_key(label, key_type, actor=_actor())
+                issuer = rt.issuer(issuer_id)
+                issued = CeremonyService(rt.issuance()).ocsp_signer(
+                    issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
+                )
             out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(issued.certificate.public_bytes(serialization.Encoding.PEM))

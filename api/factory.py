@@ -116,9 +116,11 @@ class CAClient:
         result: dict[str, Any] = self._admin("POST", "/api/v1/devices", {"devices": devices})
         return result
 
-    def new_secret(self, device_id: str) -> dict[str, str]:
-        """Asks the CA for a fresh one-time enrollment secret of a device."""
-        result: dict[str, str] = self._admin("POST", f"/api/v1/devices/{device_id}/secret")
+    def new_secret(self, device_id: str) -> dict[str, Any]:
+        """Asks the CA for a fresh one-time secret of a device, valid on the factory's label."""
+        # A secret is valid only on the labels it was drawn for (none named: the default).
+        payload = {"labels": [self.config.label]} if self.config.label else None
+        result: dict[str, Any] = self._admin("POST", f"/api/v1/devices/{device_id}/secret", payload)
         return result
 
     def cacerts(self) -> list[x509.Certificate]:

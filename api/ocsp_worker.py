@@ -31,6 +31,7 @@ import httptools
 from cryptography.x509 import ocsp as x509_ocsp
 from gunicorn.workers.base import Worker
 
+from api.escape import escape
 from api.va import (
     MAX_OCSP_REQUEST,
     OCSP_REQUEST_TYPE,
@@ -114,7 +115,8 @@ class _Server:
         if self.access is not None:
             # The fields of gunicorn's default access-log format.
             self.access.append(
-                f'{peer} - - {self.timestamp()} "{request_line}" {status} {size} "-" "{agent}"'
+                f'{peer} - - {self.timestamp()} "{escape(request_line)}" {status} {size} "-" '
+                f'"{escape(agent)}"'
             )
 
     def sweep(self) -> None:

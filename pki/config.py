@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import string
 import tomllib
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pki.errors import config_error, not_found
 
@@ -145,6 +155,81 @@ class SubjectPolicy(_Strict):
     allowed: list[SubjectAttribute] = Field(default_factory=lambda: list[SubjectAttribute](["CN"]))
 
 
+# Registry fields a device name template may use: `{device_id}`, `{model}`, `{batch}`.
+TEMPLATE_FIELDS = ("device_id", "model", "batch")
+
+# Unicode categories no certificate name may hold: controls (NUL, ESC, DEL ...), format
+# characters (bidi overrides such as U+202E, zero-width joiners), surrogates, line and
+# paragraph separators. They make a name print as something it is not.
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+def forbidden_character(value: str) -> str | None:
+    """Returns the first character of a name that must not appear in one, as U+XXXX."""
+    for c in value:
+        if unicodedata.category(c) in FORBIDDEN_CATEGORIES:
+            return f"U+{ord(c):04X}"
+    return None
+
+
+def template_fields(template: str) -> list[str]:
+    """Lists the registry fields a name template uses, in order."""
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def _check_template(template: str) -> str:
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a valid template ({e}); write literal braces as {{{{ }}}}") from None
+    for literal, field, spec, conversion in parts:
+        bad = forbidden_character(literal)
+        if bad is not None:
+            raise ValueError(f"holds the control, format or bidi character {bad}")
+        if field is None:
+            continue
+        if field not in TEMPLATE_FIELDS or spec or conversion:
+            raise ValueError(
+                f"unknown field {{{field}}}: use {{device_id}}, {{model}} or {{batch}}"
+            )
+    if not template.strip():
+        raise ValueError("must not be empty")
+    return template
+
+
+NameTemplate = Annotated[str, AfterValidator(_check_template)]
+
+
+def _check_name(value: str) -> str:
+    bad = forbidden_character(value)
+    if bad is not None:
+        raise ValueError(f"holds the control, format or bidi character {bad}")
+    return value
+
+
+# A name an operator writes (ceremony subjects): the character rules of every name.
+NameValue = Annotated[str, AfterValidator(_check_name)]
+
+
+class SANTemplate(_Strict):
+    """SANTemplate is one subjectAltName entry the CA writes, e.g. a URI from the device ID."""
+
+    type: Literal["dns", "uri", "email"]
+    value: NameTemplate
+
+
+class IdentityConfig(_Strict):
+    """IdentityConfig says where each name of a device certificate comes from.
+
+    Values are templates over the authenticated device's registry record (`{device_id}`,
+    `{model}`, `{batch}`) or fixed strings. An attribute whose template uses a field the
+    device does not have (no model, say) is left out.
+    """
+
+    subject: dict[SubjectAttribute, NameTemplate]
+    san: list[SANTemplate] = Field(default_factory=list)
+
+
 class NameConstraintsConfig(_Strict):
     permitted_dns: list[str] = Field(default_factory=list)
     excluded_dns: list[str] = Field(default_factory=list)
@@ -165,6 +250,8 @@ class ProfileConfig(_Strict):
     path_length: int | None = None
     name_constraints: NameConstraintsConfig | None = None
     device_id_attribute: Literal["serialNumber", "CN"] | None = None
+    # The names the CA writes into certificates of this profile issued over EST.
+    identity: IdentityConfig | None = None
     ocsp_no_check: bool = False
     crl_distribution_point: bool = True
     authority_info_access: bool = True
@@ -177,6 +264,26 @@ class ProfileConfig(_Strict):
             raise ValueError("must name at least one key type")
         return v
 
+    @model_validator(mode="after")
+    def _identity_fits(self) -> ProfileConfig:
+        if self.identity is None:
+            return self
+        if self.device_id_attribute is None:
+            raise ValueError("identity needs device_id_attribute")
+        for attr in self.identity.subject:
+            if attr not in self.subject.allowed:
+                raise ValueError(f"identity.subject.{attr}: not in subject.allowed")
+        written = self.identity.subject.get(self.device_id_attribute)
+        if written != "{device_id}":
+            raise ValueError(
+                f'identity.subject.{self.device_id_attribute}: must be "{{device_id}}" '
+                f"(device_id_attribute)"
+            )
+        for i, san in enumerate(self.identity.san):
+            if san.type not in self.san_types:
+                raise ValueError(f"identity.san.{i}.type: {san.type} is not in san_types")
+        return self
+
 
 class CeremonyConfig(_Strict):
     """CeremonyConfig is one reviewed key ceremony (ceremonies/NAME.toml)."""
@@ -184,7 +291,7 @@ class CeremonyConfig(_Strict):
     issuer: str
     profile: str
     key_type: KeyType
-    subject: dict[SubjectAttribute, str]
+    subject: dict[SubjectAttribute, NameValue]
     validity_days: Annotated[int, Field(gt=0, le=36500)] | None = None
 
 

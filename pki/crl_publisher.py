@@ -40,6 +40,9 @@ from pki.store.revocation_models import (
     CRLRepository,
 )
 
+# Why due() says a CRL is due because its period passed; an imported CRL is exempt.
+PERIOD_ELAPSED = "period elapsed"
+
 
 @dataclasses.dataclass(frozen=True)
 class CRLPublisherConfig:
@@ -250,7 +253,7 @@ class CRLPublisher:
             if now >= latest.this_update + validity * self.config.renew_fraction:
                 return "renewal before nextUpdate"
             if now - latest.this_update >= period:
-                return "period elapsed"
+                return PERIOD_ELAPSED
             if latest.marker is None:
                 return "no revocation marker yet"
             first = CertificateStateReader(session).first_change_after(issuer_id, latest.marker)

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from pki.config import ProfileConfig
+from pki.config import ProfileConfig, forbidden_character
 from pki.errors import bad_request, policy
 
 MAX_CSR_BYTES = 16 * 1024
@@ -120,6 +120,7 @@ def normalize_subject(subject: x509.Name, profile: ProfileConfig) -> x509.Name:
         if short in values:
             raise policy(f"subject attribute {short} appears more than once")
         value = attr.value if isinstance(attr.value, str) else ""
+        check_text(f"subject attribute {short}", value)
         value = " ".join(value.split())
         if not value:
             raise policy(f"subject attribute {short} is empty")
@@ -151,7 +152,17 @@ def _san_type(name: x509.GeneralName) -> str:
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
 
+def check_text(field: str, value: str) -> str:
+    """Refuses a name holding control, format or bidi characters (NUL, ESC, DEL, U+202E ...)."""
+    bad = forbidden_character(value)
+    if bad is not None:
+        raise policy(f"{field} contains the control, format or bidi character {bad}")
+    return value
+
+
 def _normalize_san(name: x509.GeneralName) -> x509.GeneralName:
+    if isinstance(name, x509.DNSName | x509.UniformResourceIdentifier | x509.RFC822Name):
+        check_text(f"subject alternative name {_san_type(name)}", name.value)
     if isinstance(name, x509.DNSName):
         value = name.value.strip().lower().rstrip(".")
         labels = value.split(".")

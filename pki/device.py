@@ -452,6 +452,12 @@ class DeviceService:
             binding = BindingRepository(session).find(device_id)
             return _info(device, failure, active[0] if active else None, binding)
 
+    def find(self, device_id: str) -> DeviceInfo | None:
+        """Returns a registered device, or None: one read, no secrets or failure counts."""
+        with self.db.read_session() as session:
+            device = DeviceRepository(session).find(device_id)
+            return None if device is None else _info(device, None, None)
+
     def list(
         self,
         *,
@@ -511,8 +517,15 @@ class DeviceService:
 
     # --- one-time secrets -------------------------------------------------------------
 
-    def new_secret(self, device_id: str, *, actor: str) -> NewSecret:
-        """Draws a new one-time secret for a device; any unused older one stops working."""
+    def new_secret(
+        self, device_id: str, *, actor: str, labels: Sequence[str] | None = None
+    ) -> NewSecret:
+        """Draws a new one-time secret for a device, valid on `labels` (None: the default label).
+
+        Any unused older secret of the device stops working.
+        """
+        if labels is not None and (not labels or any("," in label for label in labels)):
+            raise bad_request("a secret needs at least one label, and label names have no ','")
         now = self.clock.now()
         secret = secrets.token_urlsafe(SECRET_BYTES)
         hashed = hash_secret(secret)
@@ -537,6 +550,7 @@ class DeviceService:
                     created_at=now,
                     expires_at=expires_at,
                     used_at=None,
+                    labels=",".join(labels) if labels is not None else None,
                 )
             )
             AuthFailureRepository(session).reset(device_id)
@@ -546,9 +560,19 @@ class DeviceService:
                 actor=actor,
                 action="device.secret_issued",
                 target=device_id,
-                details={"expires_at": expires_at.isoformat(), "replaced": replaced},
+                details={
+                    "expires_at": expires_at.isoformat(),
+                    "replaced": replaced,
+                    "labels": list(labels) if labels is not None else None,
+                },
             )
         return NewSecret(device_id, secret, expires_at)
+
+    def secret_labels(self, secret_id: int) -> tuple[str, ...] | None:
+        """Returns the labels a secret is valid on; None means the default label only."""
+        with self.db.read_session() as session:
+            stored = SecretRepository(session).labels_of(secret_id)
+        return None if stored is None else tuple(stored.split(","))
 
     def authenticate(self, device_id: str, secret: str, *, address: str = "") -> Authenticated:
         """Checks a device's one-time secret without spending it; failures are throttled.

@@ -36,6 +36,7 @@ from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
 from pki.idevid import IDevID
 from pki.issuer import IssuanceService, Issued, Issuer
+from pki.naming import DeviceRecord, first_difference, named_request
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
 from pki.serverkeygen import ServerGeneratedKey
@@ -84,6 +85,35 @@ class ApprovalPending:
     approval_id: int
     device_id: str
     retry_after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingRequest:
+    """PendingRequest is a request waiting for approval: who asks for what, with which key."""
+
+    approval_id: int
+    device_id: str
+    label: str
+    operation: str
+    subject: str  # what the CSR asks for, RFC 4514
+    key_sha256: str  # SHA-256 of the CSR's SubjectPublicKeyInfo, hex
+    since: datetime.datetime
+
+
+def _pending_request(row: PendingApproval) -> PendingRequest:
+    csr = x509.load_der_x509_csr(row.csr_der)
+    spki = csr.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return PendingRequest(
+        approval_id=row.id,
+        device_id=row.device_id,
+        label=row.label,
+        operation=row.operation,
+        subject=subject_text(csr.subject),
+        key_sha256=hashlib.sha256(spki).hexdigest(),
+        since=row.created_at,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,16 +219,22 @@ class EnrollmentService:
             raise forbidden(f"label {name} does not allow re-enrollment")
         record_serial, device_id, current = self._our_current_certificate(cfg, identity)
         csr = load_csr(csr_der)
-        request = self._request_for(csr, cfg, device_id)
+        profile = self.config.profile(cfg.profile)
+        asked = self._checked_csr(csr, profile, device_id)
         # RFC 7030 4.2.2: "The Subject field and SubjectAltName extension MUST be identical
-        # to the corresponding fields in the certificate being renewed/rekeyed."
-        if request.subject != current.subject:
+        # to the corresponding fields in the certificate being renewed/rekeyed." The CA
+        # writes both, so a CSR may leave names out, but it never asks for other ones.
+        problem = first_difference(asked, current.subject, tuple(_sans(current)))
+        if problem is not None:
             raise forbidden(
-                f"CSR subject {subject_text(request.subject)} differs from the current "
-                f"certificate's {subject_text(current.subject)}"
+                f"the CSR differs from the current certificate "
+                f"({subject_text(current.subject)}): {problem}"
             )
-        if set(request.sans) != _sans(current):
-            raise forbidden("CSR subjectAltName differs from the current certificate's")
+        if profile.identity is not None:
+            # The names come from the registry, whatever the current certificate says: one
+            # issued before the CA wrote the names is renewed with the right ones.
+            asked = dataclasses.replace(asked, subject=x509.Name([]), sans=())
+        request = self._named(asked, profile, device_id)
         who = _Who(device_id=device_id, method="reenroll")
         enrolled = self._issue(name, cfg, who, request, csr_der, renews=record_serial)
         log.info("device %s re-enrolled, superseding %s", device_id, record_serial)
@@ -239,32 +275,31 @@ class EnrollmentService:
 
     # --- approvals --------------------------------------------------------------------
 
-    def approve(self, device_id: str, *, actor: str) -> int:
-        """Approves every request of a device that waits for approval; returns how many."""
+    def approve(self, approval_id: int, *, actor: str) -> PendingRequest:
+        """Approves one waiting request by its ID; the client's next retry gets the certificate."""
         now = self.clock.now()
         with session_scope(self.db) as session:
-            rows = ApprovalRepository(session).by_state(ApprovalState.PENDING, device_id)
-            if not rows:
-                raise not_found(f"device {device_id} has no request waiting for approval")
-            for row in rows:
-                row.state = ApprovalState.APPROVED
-                row.decided_at = now
-                row.decided_by = actor
-                audit.append(
-                    session,
-                    at=now,
-                    actor=actor,
-                    action="enrollment.approved",
-                    target=device_id,
-                    details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
-                )
-            return len(rows)
+            row = ApprovalRepository(session).find_by_id(approval_id, for_update=True)
+            if row is None or row.state is not ApprovalState.PENDING:
+                raise not_found(f"no request {approval_id} waiting for approval")
+            row.state = ApprovalState.APPROVED
+            row.decided_at = now
+            row.decided_by = actor
+            audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="enrollment.approved",
+                target=row.device_id,
+                details={"approval": row.id, "label": row.label, "csr_sha256": row.csr_sha256},
+            )
+            return _pending_request(row)
 
-    def pending_approvals(self) -> list[tuple[int, str, str, str, datetime.datetime]]:
-        """Lists requests waiting for approval: (id, device, label, operation, since)."""
-        with session_scope(self.db) as session:
+    def pending_approvals(self) -> list[PendingRequest]:
+        """Lists requests waiting for approval, with what each asks for."""
+        with self.db.read_session() as session:
             rows = ApprovalRepository(session).by_state(ApprovalState.PENDING)
-            return [(r.id, r.device_id, r.label, r.operation, r.created_at) for r in rows]
+            return [_pending_request(r) for r in rows]
 
     # --- superseding ------------------------------------------------------------------
 
@@ -324,12 +359,23 @@ class EnrollmentService:
             auth = self.devices.authenticate(
                 identity.basic.username, identity.basic.password, address=identity.address
             )
+            self._check_secret_label(name, auth)
             return _Who(device_id=auth.device_id, method="basic", secret=auth)
         if refused is not None:
             raise refused
         if "basic" in cfg.auth:
             raise unauthorized("authentication required: device ID and one-time secret")
         raise unauthorized(f"label {name} needs a client certificate")
+
+    def _check_secret_label(self, name: str, auth: Authenticated) -> None:
+        # A secret drawn for a label with manual approval must not buy a certificate on a
+        # label without it: a secret is valid on the labels it was drawn for, and one drawn
+        # before secrets had labels on the default label only.
+        labels = self.devices.secret_labels(auth.secret_id)
+        allowed = labels if labels is not None else (self.est.default_label,)
+        if name not in allowed:
+            # The answer of a wrong secret: on another label it is not a secret at all.
+            raise unauthorized(BAD_SECRET)
 
     def _idevid(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> IDevID:
         # The chain as the client sent it (leaf first) and the label's configured
@@ -378,13 +424,32 @@ class EnrollmentService:
     def _request_for(
         self, csr: x509.CertificateSigningRequest, cfg: LabelConfig, device_id: str
     ) -> CertificateRequest:
-        request = check_request(csr, self.config.profile(cfg.profile))
+        profile = self.config.profile(cfg.profile)
+        return self._named(self._checked_csr(csr, profile, device_id), profile, device_id)
+
+    def _checked_csr(
+        self, csr: x509.CertificateSigningRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        request = check_request(csr, profile)
         if request.device_id != device_id:
             raise forbidden(
                 f"the CSR names device {request.device_id}, but the client authenticated "
                 f"as device {device_id}"
             )
         return request
+
+    def _named(
+        self, request: CertificateRequest, profile: ProfileConfig, device_id: str
+    ) -> CertificateRequest:
+        # DESIGN.md invariant 3: the subject and SAN come from the registry record of the
+        # authenticated device; the CSR can only repeat them.
+        if profile.identity is None:
+            return request
+        found = self.devices.find(device_id)
+        record = DeviceRecord(device_id)
+        if found is not None:
+            record = DeviceRecord(device_id, found.model, found.batch)
+        return named_request(request, profile, record)
 
     def _recipient(self, identity: ClientIdentity, key_id: bytes) -> x509.Certificate:
         # RFC 7030 4.4.1.2: the AsymmetricDecryptKeyIdentifier names the client's key; the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -12,7 +13,7 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pki.config import ConfigSet, _load_toml, _model
-from pki.errors import config_error, not_found
+from pki.errors import bad_request, config_error, not_found
 
 EST_FILE = "est.toml"
 
@@ -142,6 +143,21 @@ class ESTConfig(_Strict):
             return name, self.labels[name]
         except KeyError:
             raise not_found(f"no EST label {name!r}") from None
+
+    def secret_labels(self, names: Sequence[str]) -> tuple[str, ...]:
+        """Resolves the labels a new one-time secret is for (none given: the default label)."""
+        if not names:
+            if self.default_label is None:
+                raise bad_request("this server has no default EST label: name one with --label")
+            names = [self.default_label]
+        out: list[str] = []
+        for name in names:
+            label, cfg = self.label(name)
+            if "basic" not in cfg.auth:
+                raise bad_request(f"label {label} does not accept one-time secrets (auth basic)")
+            if label not in out:
+                out.append(label)
+        return tuple(out)
 
     def proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]

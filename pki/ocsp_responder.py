@@ -65,6 +65,8 @@ KeyLoader = Callable[[str], CertificateIssuerPrivateKeyTypes]
 
 # Signer certificates are looked up again this often, so a renewed signer is picked up.
 SIGNER_RELOAD = datetime.timedelta(minutes=5)
+# An issuer without a usable signer (revoked, not renewed yet) is looked up again this soon.
+SIGNER_RETRY = datetime.timedelta(seconds=10)
 # The hash algorithm of pre-signed CertIDs: what OpenSSL and most clients send.
 PRESIGN_HASH = "sha1"
 
@@ -198,6 +200,7 @@ class SignerSet:
         self._loaded_at = now
         self._due = min(
             [now + self.reload_every]
+            + [now + SIGNER_RETRY for _ in problems][:1]
             + [s.responder_cert.not_valid_after_utc for s in signers.values()]
         )
 
@@ -282,15 +285,45 @@ def _answers(
 
 
 class LiveSource:
-    """LiveSource signs a response now from the certificates table; it always answers."""
+    """LiveSource signs a response now from the certificates table; it always answers.
 
-    def __init__(self, db: Database, clock: Clock, config: OCSPResponderConfig) -> None:
+    Before it signs it looks up its signer's own certificate row (one indexed lookup): a
+    signer revoked since the signer set was loaded is never used (invariant 5); the set is
+    reloaded at once, which leaves revoked signers out, and the answer is signed by the next
+    valid signer, or is `tryLater` when there is none yet."""
+
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        config: OCSPResponderConfig,
+        signers: SignerSet | None = None,
+    ) -> None:
         self.db = db
         self.clock = clock
         self.config = config
+        self.signers = signers
         self.states = CertificateStates(db)
 
+    def _usable(self, issuer_id: str, signer: OCSPSigner) -> bool:
+        serial = serial_hex(signer.responder_cert.serial_number)
+        state = self.states.by_serials(issuer_id, [serial]).get(serial)
+        return state is not None and state.status is CertificateStatus.ISSUED
+
+    def _signer(self, query: OCSPQuery) -> OCSPSigner | None:
+        if self.signers is None or self._usable(query.issuer_id, query.signer):
+            return query.signer
+        log.warning("OCSP signer of %s is no longer valid: reloading signers", query.issuer_id)
+        self.signers.refresh(force=True)
+        signer = self.signers.signer(query.issuer_id)
+        if signer is None or not self._usable(query.issuer_id, signer):
+            return None
+        return signer
+
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+        signer = self._signer(query)
+        if signer is None:
+            return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
         now = self.clock.now()
         request = query.request
         wanted = [
@@ -300,9 +333,7 @@ class LiveSource:
         ]
         states = self.states.by_serials(query.issuer_id, wanted)
         answers, extended = _answers(request.cert_ids, query.owned, states, now, self.config)
-        der = build_response(
-            query.signer, answers, now, nonce=request.nonce, extended_revoke=extended
-        )
+        der = build_response(signer, answers, now, nonce=request.nonce, extended_revoke=extended)
         next_update = min(a.next_update for a in answers)
         return OCSPAnswer(der, "live", now, next_update, cacheable=request.nonce is None)
 
@@ -324,7 +355,7 @@ class OCSPResponder:
     ) -> OCSPResponder:
         """Builds the usual chain: pre-signed store, then live signer."""
         cfg = config or OCSPResponderConfig()
-        return cls(signers, [PresignedSource(db, clock), LiveSource(db, clock, cfg)])
+        return cls(signers, [PresignedSource(db, clock), LiveSource(db, clock, cfg, signers)])
 
     def respond(self, request_der: bytes) -> OCSPAnswer:
         """Answers one DER OCSPRequest; errors become unsigned error responses; RFC 6960 §2.3."""
@@ -436,9 +467,7 @@ class OCSPPresigner:
                 return count
             records = [r for r in (self._sign(signer, s) for s in states) if r is not None]
             with session_scope(self.db) as session:
-                repo = OCSPResponseRepository(session)
-                for record in records:
-                    repo.put(record)
+                OCSPResponseRepository(session).put_all(records)
             count += len(records)
             after_id = states[-1].certificate_id
 

@@ -34,6 +34,9 @@ REASONS = {r.value: r for r in x509.ReasonFlags}
 # removeFromCRL is a delta CRL marker, not a reason to revoke for (RFC 5280 §5.3.1).
 REVOCATION_REASONS = {k: v for k, v in REASONS.items() if v is not x509.ReasonFlags.remove_from_crl}
 
+# The profile of OCSP-signer certificates (RFC 6960 §4.2.2.2 delegated responders).
+OCSP_SIGNER_PROFILE = "ocsp-signer"
+
 # Bulk revocations touch at most this many certificates per call.
 MAX_BULK = 100_000
 
@@ -258,6 +261,10 @@ def _revoke_record(
         # write_changes() also drops the stored response: a "good" one must not outlive this
         # commit (invariant 5).
         store.events.add(record, action, reason.value, now)
+        if record.profile == OCSP_SIGNER_PROFILE:
+            # Invariant 5, a revoked signer is never used again: what it pre-signed goes in
+            # the same commit, and the next pre-signing run signs it anew with a valid signer.
+            store.responses.forget_signed_by(record.issuer_id, serial_hex)
         if record.device_id is not None:
             _set_device(store, record.device_id, reason, now)
     return Revoked(record.issuer_id, serial_hex, reason, changed)

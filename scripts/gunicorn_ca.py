@@ -33,5 +33,7 @@ limit_request_fields = 50
 control_socket_disable = True
 # The access log names the Basic user (device ID), never the password or the body.
 accesslog = "-"
+# Control characters in logged fields (user, request line, User-Agent) print escaped.
+logger_class = "api.escape.EscapingLogger"
 errorlog = "-"
 loglevel = os.environ.get("PKI_CA_LOGLEVEL", "info")

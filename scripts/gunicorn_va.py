@@ -31,5 +31,7 @@ limit_request_fields = 50
 # gunicorn 27 opens a control socket under $HOME by default; the VA needs none.
 control_socket_disable = True
 accesslog = "-"
+# Control characters in logged fields (user, request line, User-Agent) print escaped.
+logger_class = "api.escape.EscapingLogger"
 errorlog = "-"
 loglevel = os.environ.get("PKI_VA_LOGLEVEL", "info")

@@ -7,7 +7,7 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, request
 
 from api.runtime import Runtime
 from pki.admin_token import AdminIdentity, Role
@@ -37,6 +37,14 @@ def _csv_of(devices: list[Any]) -> str:
             raise bad_request(f"devices[{i}]: id, model, batch and manufacturer must be strings")
         writer.writerow([v or "" for v in values])
     return out.getvalue()
+
+
+def _labels(body: dict[str, Any]) -> list[str]:
+    """Reads the labels a secret is for: {"labels": [...]} or {"label": "..."}; none: default."""
+    labels = body.get("labels", [body["label"]] if "label" in body else [])
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise bad_request("labels must be a list of EST label names")
+    return labels
 
 
 def add_device_routes(
@@ -71,12 +79,14 @@ def add_device_routes(
     def new_secret(device_id: str) -> Response:
         """Draws a new one-time enrollment secret; it is in this answer and nowhere else."""
         ident = identity(PROVISIONERS)
-        secret = devices.new_secret(device_id, actor=ident.actor)
+        labels = est.secret_labels(_labels(json_body() if request.content_length else {}))
+        secret = devices.new_secret(device_id, actor=ident.actor, labels=labels)
         return jsonify(
             {
                 "device_id": secret.device_id,
                 "secret": secret.secret,
                 "expires_at": secret.expires_at.isoformat(),
+                "labels": list(labels),
             }
         )
 

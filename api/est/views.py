@@ -19,6 +19,7 @@ from pki.enrollment import ApprovalPending, Enrolled, EnrollmentService, KeyGene
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig
 from pki.identity import ClientIdentity
+from pki.naming import expected_attributes
 from pki.serverkeygen import pkcs8_der
 
 PREFIX = "/.well-known/est"
@@ -153,8 +154,11 @@ def create_blueprint(service: EnrollmentService, est: ESTConfig) -> Blueprint:
             items.append(hash_oid)
         else:
             items.append(wire.rsa_key_size_attribute(int(preferred.split("-")[1])))
-        if profile.device_id_attribute == "serialNumber":
-            items.append(wire.OID_SERIAL_NUMBER)
+        # The subject attribute types the CA writes for the device (their values come from
+        # the registry), and subjectAltName when it writes SAN entries too.
+        items.extend(oid.dotted_string for oid in expected_attributes(profile))
+        if profile.identity is not None and profile.identity.san:
+            items.append(wire.OID_SUBJECT_ALT_NAME)
         body = _base64(wire.csr_attrs(items))
         return Response(body, status=200, content_type=wire.CSRATTRS_CONTENT_TYPE, headers=_CTE)
 

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, make_url
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,6 +54,36 @@ def _sqlite_begin_immediate(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def sqlite_path(url: str) -> Path | None:
+    """Returns the file of a SQLite URL, or None for another database or an in-memory one."""
+    parsed = make_url(url)
+    if not parsed.drivername.startswith("sqlite") or parsed.database in (None, "", ":memory:"):
+        return None
+    if parsed.database.startswith("file:") or parsed.query.get("uri"):
+        return None
+    return Path(parsed.database)
+
+
+def create_private_file(path: Path) -> None:
+    """Creates an empty SQLite file readable by its owner only, in a 0700 directory if new.
+
+    SQLite gives the -wal and -shm files it creates the database file's permission bits,
+    so they are 0600 too. An existing file or directory keeps the mode its operator gave it.
+    """
+    if path.exists():
+        return
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+        path.parent.chmod(0o700)  # mkdir's mode is filtered by the umask
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process made it first
+    except OSError as e:
+        raise PKIError(ErrorKind.CONFIG, f"cannot create the database file {path}: {e}") from e
+    os.close(fd)
+
+
 class Database:
     """Database owns the engine and hands out sessions; it never leaks driver errors."""
 
@@ -63,6 +93,9 @@ class Database:
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+            path = sqlite_path(url)
+            if path is not None:
+                create_private_file(path)
         else:
             kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)

@@ -153,6 +153,11 @@ class SecretRepository:
         )
         return self.session.execute(query).scalars().all()
 
+    def labels_of(self, secret_id: int) -> str | None:
+        """Returns the labels column of a secret (None: the default label only)."""
+        query = select(EnrollmentSecret.labels).where(EnrollmentSecret.id == secret_id)
+        return self.session.execute(query).scalar_one_or_none()
+
     def replace_active(self, device_id: str) -> int:
         """Retires a device's unused secrets; returns how many there were."""
         result = self.session.execute(
@@ -338,6 +343,12 @@ class ApprovalRepository:
             .order_by(PendingApproval.id.desc())
             .limit(1)
         )
+        return self.session.execute(query).scalar_one_or_none()
+
+    def find_by_id(self, approval_id: int, *, for_update: bool = False) -> PendingApproval | None:
+        query = select(PendingApproval).where(PendingApproval.id == approval_id)
+        if for_update:
+            query = query.with_for_update()
         return self.session.execute(query).scalar_one_or_none()
 
     def get(self, approval_id: int) -> PendingApproval:

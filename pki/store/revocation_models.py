@@ -25,6 +25,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, Session, aliased, mapped_column
 
@@ -268,9 +270,17 @@ class CertificateStateReader:
         """Returns issued or revoked, unexpired certificates whose stored response is missing,
         older than refresh_before, or states another status than the certificate has now."""
         stored = aliased(OCSPResponseRecord)
+        signer = aliased(CertificateRecord)
         rows = self.session.execute(
             select(*_STATE_COLUMNS)
             .outerjoin(stored, stored.certificate_id == CertificateRecord.id)
+            .outerjoin(
+                signer,
+                and_(
+                    signer.issuer_id == stored.issuer_id,
+                    signer.serial_hex == stored.signer_serial_hex,
+                ),
+            )
             .where(
                 CertificateRecord.issuer_id == issuer_id,
                 CertificateRecord.id > after_id,
@@ -278,6 +288,8 @@ class CertificateStateReader:
                 CertificateRecord.not_after > now,
                 or_(
                     stored.certificate_id.is_(None),
+                    signer.id.is_(None),
+                    signer.status != CertificateStatus.ISSUED,  # its signer was revoked
                     stored.this_update <= refresh_before,
                     stored.next_update <= now,
                     and_(
@@ -370,6 +382,11 @@ class StoredResponse:
     current: CertificateStatus  # the certificate's status now
 
 
+_SIGNER = aliased(CertificateRecord, name="signer")
+
+# The signer join keeps a response whose signer was revoked (or is unknown) from being served:
+# RFC 6960 §4.2.2.2 has clients reject it, and invariant 5 has a revoked signer never used.
+# It costs one more lookup on the (issuer_id, serial_hex) unique index, in the same query.
 _FRESH_RESPONSE = (
     select(
         OCSPResponseRecord.response_der,
@@ -379,6 +396,14 @@ _FRESH_RESPONSE = (
         CertificateRecord.status,
     )
     .join(CertificateRecord, CertificateRecord.id == OCSPResponseRecord.certificate_id)
+    .join(
+        _SIGNER,
+        and_(
+            _SIGNER.issuer_id == OCSPResponseRecord.issuer_id,
+            _SIGNER.serial_hex == OCSPResponseRecord.signer_serial_hex,
+            _SIGNER.status == CertificateStatus.ISSUED,
+        ),
+    )
     .where(
         CertificateRecord.issuer_id == bindparam("issuer_id"),
         CertificateRecord.serial_hex == bindparam("serial_hex"),
@@ -437,6 +462,9 @@ class FreshResponses:
         self._query.close()
 
 
+_RESPONSE_COLUMNS = tuple(c.key for c in OCSPResponseRecord.__table__.columns)
+
+
 class OCSPResponseRepository:
     """OCSPResponseRepository stores pre-signed OCSP responses, one per certificate."""
 
@@ -463,8 +491,25 @@ class OCSPResponseRepository:
 
     def put(self, record: OCSPResponseRecord) -> None:
         """Stores a response, replacing the certificate's previous one."""
-        self.session.merge(record)
-        self.session.flush()
+        self.put_all([record])
+
+    def put_all(self, records: Sequence[OCSPResponseRecord]) -> None:
+        """Stores responses, each replacing its certificate's previous one, in one statement.
+
+        An upsert (INSERT ... ON CONFLICT DO UPDATE) rather than a read-then-write merge: two
+        writers of one certificate's response (a pre-signing job and a revocation's re-sign)
+        both succeed, the last one's response stands, neither fails on the primary key."""
+        if not records:
+            return
+        rows = [{c: getattr(r, c) for c in _RESPONSE_COLUMNS} for r in records]
+        dialect = self.session.get_bind().dialect.name
+        insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+        statement = insert(OCSPResponseRecord)
+        statement = statement.on_conflict_do_update(
+            index_elements=[OCSPResponseRecord.certificate_id],
+            set_={c: statement.excluded[c] for c in _RESPONSE_COLUMNS if c != "certificate_id"},
+        )
+        self.session.execute(statement, rows)
 
     def forget(self, certificate_id: int) -> None:
         """Removes a certificate's stored response (its status changed)."""
@@ -479,6 +524,16 @@ class OCSPResponseRepository:
                 .where(OCSPResponseRecord.certificate_id.in_(ids[start : start + _IN_CHUNK]))
                 .execution_options(synchronize_session=False)
             )
+
+    def forget_signed_by(self, issuer_id: str, signer_serial_hex: str) -> int:
+        """Removes every stored response an OCSP signer signed (the signer was revoked)."""
+        result = self.session.execute(
+            delete(OCSPResponseRecord).where(
+                OCSPResponseRecord.issuer_id == issuer_id,
+                OCSPResponseRecord.signer_serial_hex == signer_serial_hex,
+            )
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def count(self, issuer_id: str | None = None) -> int:
         query = select(func.count()).select_from(OCSPResponseRecord)
@@ -511,10 +566,7 @@ class CRLRepository:
         marker: int,
     ) -> CRLRecord:
         """Reserves the next CRL number of the issuer; raises CRLNumberClash when raced."""
-        highest = self.session.execute(
-            select(func.max(CRLRecord.crl_number)).where(CRLRecord.issuer_id == issuer_id)
-        ).scalar_one_or_none()
-        number = int(highest or 0) + 1
+        number = self.highest_number(issuer_id) + 1
         record = CRLRecord(
             issuer_id=issuer_id,
             crl_number=number,
@@ -533,6 +585,45 @@ class CRLRepository:
         except IntegrityError:
             raise CRLNumberClash(issuer_id, number) from None
         return record
+
+    def add_signed(
+        self,
+        issuer_id: str,
+        *,
+        crl_number: int,
+        this_update: datetime.datetime,
+        next_update: datetime.datetime,
+        entries: int,
+        crl_der: bytes,
+        marker: int,
+        created_at: datetime.datetime,
+    ) -> CRLRecord:
+        """Stores a full CRL signed elsewhere; raises CRLNumberClash when its number is taken."""
+        record = CRLRecord(
+            issuer_id=issuer_id,
+            crl_number=crl_number,
+            is_delta=False,
+            base_number=None,
+            this_update=this_update,
+            next_update=next_update,
+            entries=entries,
+            crl_der=crl_der,
+            created_at=created_at,
+            marker=marker,
+        )
+        self.session.add(record)
+        try:
+            self.session.flush()
+        except IntegrityError:
+            raise CRLNumberClash(issuer_id, crl_number) from None
+        return record
+
+    def highest_number(self, issuer_id: str) -> int:
+        """Returns the issuer's highest CRL number, reserved or signed (0 when none)."""
+        highest = self.session.execute(
+            select(func.max(CRLRecord.crl_number)).where(CRLRecord.issuer_id == issuer_id)
+        ).scalar_one_or_none()
+        return int(highest or 0)
 
     def get(self, record_id: int) -> CRLRecord:
         record = self.session.get(CRLRecord, record_id)

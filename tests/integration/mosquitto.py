@@ -219,6 +219,7 @@ def write_config(
     keyfile: Path,
     crlfile: Path | None,
     port: int | None = None,
+    acl_file: Path | None = None,
 ) -> tuple[Path, int]:
     """Writes mosquitto.conf into directory; returns its path and the port."""
     port = port or free_port()
@@ -233,6 +234,8 @@ def write_config(
     if os.geteuid() == 0:
         # Started as root, mosquitto drops to user `mosquitto`, which cannot read tmp_path.
         harness.append("user root")
+    if acl_file is not None:
+        harness.append(f"acl_file {acl_file}")
     conf = directory / "mosquitto.conf"
     conf.write_text(
         "\n".join(harness) + "\n\n" + listener_config(port, cafile, certfile, keyfile, crlfile)
@@ -248,11 +251,17 @@ def mosquitto_broker(
     certfile: Path,
     keyfile: Path,
     crlfile: Path | None,
+    acl_file: Path | None = None,
 ) -> Iterator[Mosquitto]:
     """Starts Mosquitto with a TLS listener on a free loopback port; stops it afterwards."""
     directory.mkdir(parents=True, exist_ok=True)
     conf, port = write_config(
-        directory, cafile=cafile, certfile=certfile, keyfile=keyfile, crlfile=crlfile
+        directory,
+        cafile=cafile,
+        certfile=certfile,
+        keyfile=keyfile,
+        crlfile=crlfile,
+        acl_file=acl_file,
     )
     broker = Mosquitto(directory, port, cafile, conf, directory / "mosquitto.log")
     try:

@@ -175,6 +175,9 @@ def test_offline_root_is_left_to_import_without_failing_the_round(
     assert "root: CRL due (no CRL yet) but the issuer key is not in this token" in round_.stderr
     assert "pki crl import" in round_.stderr
     assert "devices: CRL number" in round_.stdout
+    explicit = ca.pki("crl", "publish", "--issuer", "root", check=False)
+    assert explicit.returncode == 3, explicit.stdout + explicit.stderr
+    assert explicit.stderr.count("\n") == 1 and "pki crl import" in explicit.stderr
 
 
 def test_scheduler_renews_the_root_crl_before_its_next_update(

@@ -71,10 +71,11 @@ class CAFront:
     def devices(self) -> DeviceService:
         return DeviceService(self.db(), SystemClock())
 
-    def register(self, device_id: str) -> str:
+    def register(self, device_id: str, *labels: str) -> str:
         """Registers a device with the CLI and returns a fresh one-time secret."""
         self.ca.pki("device", "add", device_id, "--model", "test")
-        return self.ca.pki("device", "secret", device_id, "--stdout").stdout.strip()
+        options = [arg for label in labels for arg in ("--label", label)]
+        return self.ca.pki("device", "secret", device_id, "--stdout", *options).stdout.strip()
 
     def snapshot(self) -> tuple[int, int, list[str]]:
         """Counts what an error must not change: certificates, audit events, secret states."""
@@ -276,7 +277,7 @@ def _openssl_csr(work: Path, device_id: str, stem: str) -> tuple[Path, Path]:
     subprocess.run(
         [
             "openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN=test device",
+            "-nodes", "-keyout", str(key), "-subj", f"/serialNumber={device_id}/CN={device_id}",
             "-outform", "DER", "-out", str(csr_der),
         ],
         check=True,
@@ -719,15 +720,27 @@ class TestServerKeyGen:
 
 class TestApproval:
     def test_manual_approval_202_then_issued(self, front: CAFront) -> None:
-        secret = front.register("APP-0001")
+        secret = front.register("APP-0001", "approval")
         body, _ = _b64_csr("APP-0001")
+        # The secret is valid on the approval label only: no way around the approval.
+        r = front.post(f"{EST}/simpleenroll", body, auth=("APP-0001", secret))
+        assert r.status_code == 401, r.text
         path = f"{EST}/approval/simpleenroll"
         for _ in range(2):
             r = front.post(path, body, auth=("APP-0001", secret))
             assert r.status_code == 202, r.text
             assert int(r.headers["Retry-After"]) > 0
-        assert "APP-0001" in front.ca.pki("enrollment", "pending").stdout
-        front.ca.pki("enrollment", "approve", "APP-0001")
+        pending = front.ca.pki("enrollment", "pending").stdout.splitlines()
+        assert len(pending) == 1 and "APP-0001" in pending[0], pending
+        request_id = pending[0].split()[0]
+        assert "serialNumber=APP-0001" in pending[0] and "key-sha256:" in pending[0]
+        wrong = front.ca.pki("enrollment", "approve", "APP-0001", check=False)
+        assert wrong.returncode == 2, wrong.stderr
+        unknown = front.ca.pki(
+            "device", "secret", "APP-0001", "--stdout", "--label", "nope", check=False
+        )
+        assert unknown.returncode == 3 and "nope" in unknown.stderr, unknown.stderr
+        front.ca.pki("enrollment", "approve", request_id)
         r = front.post(path, body, auth=("APP-0001", secret))
         assert r.status_code == 200, r.text
         assert len(_certs_of(r.content)) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,6 +13,9 @@ from pathlib import Path
 import pytest
 import requests
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
 
 from tests.integration.conftest import PKI, DevCA, free_port
 
@@ -161,3 +165,34 @@ def serve_ca(ca: DevCA, log_dir: Path) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=15)
+
+
+def ocsp_ask(
+    va: VAServer, cert: x509.Certificate, issuer: x509.Certificate, *, nonce: bool
+) -> ocsp.OCSPResponse:
+    """Asks the VA about one certificate over HTTP POST, with or without a nonce."""
+    # RFC 5019 §2.1.1: clients name the certificate with a SHA-1 CertID.
+    sha1 = hashes.SHA1()  # noqa: S303
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, sha1)
+    if nonce:
+        builder = builder.add_extension(x509.OCSPNonce(os.urandom(16)), critical=False)
+    r = requests.post(
+        va.ocsp_url,
+        data=builder.build().public_bytes(serialization.Encoding.DER),
+        headers={"Content-Type": "application/ocsp-request"},
+        timeout=30,
+    )
+    assert r.status_code == 200
+    return ocsp.load_der_ocsp_response(r.content)
+
+
+def responder_serial(response: ocsp.OCSPResponse) -> int:
+    """Checks a response's signature with the responder certificate it carries; its serial."""
+    assert response.response_status is ocsp.OCSPResponseStatus.SUCCESSFUL
+    responder = response.certificates[0]
+    responder.public_key().verify(  # type: ignore[call-arg, union-attr]
+        response.signature,
+        response.tbs_response_bytes,
+        ec.ECDSA(response.signature_hash_algorithm),  # type: ignore[arg-type]
+    )
+    return responder.serial_number

@@ -4,6 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine
 
 from pki.store import enrollment_models as enrollment_models
+from pki.store import job_lock as job_lock
 from pki.store import refusals as refusals
 from pki.store import revocation_models as revocation_models
 from pki.store.models import Base

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,7 @@ from sqlalchemy import func, select
 
 from pki import serverkeygen
 from pki.clock import FixedClock, SystemClock
+from pki.csr import check_request, load_csr, subject_text
 from pki.device import DeviceService
 from pki.enrollment import ApprovalPending, Enrolled, EnrollmentService, KeyGenerated
 from pki.errors import ErrorKind, PKIError
@@ -136,9 +138,9 @@ def _tls(cert_der: bytes) -> ClientIdentity:
     return ClientIdentity(tls_chain_der=(cert_der,), source="tls")
 
 
-def _register(service: EnrollmentService, device_id: str) -> str:
+def _register(service: EnrollmentService, device_id: str, labels: list[str] | None = None) -> str:
     service.devices.add(device_id, actor="t")
-    return service.devices.new_secret(device_id, actor="t").secret
+    return service.devices.new_secret(device_id, actor="t", labels=labels).secret
 
 
 def _certs(db: Database) -> int:
@@ -419,7 +421,7 @@ class TestApproval:
     def test_manual_approval_then_issue(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
-        secret = _register(service, "DEV-1")
+        secret = _register(service, "DEV-1", labels=["approval"])
         csr, _ = device_csr("DEV-1")
         before = _certs(hierarchy.db)
         first = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
@@ -428,7 +430,19 @@ class TestApproval:
         assert first.approval_id == again.approval_id
         assert first.retry_after == 60
         assert _certs(hierarchy.db) == before
-        assert service.approve("DEV-1", actor="t") == 1
+        (pending,) = service.pending_approvals()
+        assert (pending.approval_id, pending.device_id, pending.label) == (
+            first.approval_id,
+            "DEV-1",
+            "approval",
+        )
+        assert pending.subject == subject_text(csr.subject)
+        spki = csr.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        assert pending.key_sha256 == hashlib.sha256(spki).hexdigest()
+        assert service.approve(first.approval_id, actor="t").device_id == "DEV-1"
+        assert service.pending_approvals() == []
         done = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
         assert isinstance(done, Enrolled)
         with session_scope(hierarchy.db) as s:
@@ -445,7 +459,57 @@ class TestApproval:
 
     def test_approve_without_pending_not_found(self, service: EnrollmentService) -> None:
         _register(service, "DEV-1")
-        assert _kind(lambda: service.approve("DEV-1", actor="t")) is ErrorKind.NOT_FOUND
+        assert _kind(lambda: service.approve(1, actor="t")) is ErrorKind.NOT_FOUND
+
+    def test_approval_is_per_request(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        secret = _register(service, "DEV-1", labels=["approval"])
+        first_csr, _ = device_csr("DEV-1")
+        second_csr, _ = device_csr("DEV-1")
+        first = service.enroll(der(first_csr), "approval", _basic("DEV-1", secret))
+        second = service.enroll(der(second_csr), "approval", _basic("DEV-1", secret))
+        assert isinstance(first, ApprovalPending) and isinstance(second, ApprovalPending)
+        assert first.approval_id != second.approval_id
+        service.approve(second.approval_id, actor="t")
+        # The other request of the same device still waits.
+        assert isinstance(
+            service.enroll(der(first_csr), "approval", _basic("DEV-1", secret)), ApprovalPending
+        )
+        assert [p.approval_id for p in service.pending_approvals()] == [first.approval_id]
+        done = service.enroll(der(second_csr), "approval", _basic("DEV-1", secret))
+        assert isinstance(done, Enrolled)
+        assert done.certificate.public_key() == second_csr.public_key()
+        assert _kind(lambda: service.approve(second.approval_id, actor="t")) is (
+            ErrorKind.NOT_FOUND
+        )
+
+
+class TestSecretLabels:
+    def test_approval_secret_202_there_401_on_default(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        secret = _register(service, "DEV-1", labels=["approval"])
+        csr, _ = device_csr("DEV-1")
+        before = _certs(hierarchy.db)
+        assert _kind(lambda: service.enroll(der(csr), None, _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert _kind(lambda: service.enroll(der(csr), "devices", _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert _certs(hierarchy.db) == before
+        assert isinstance(
+            service.enroll(der(csr), "approval", _basic("DEV-1", secret)), ApprovalPending
+        )
+
+    def test_default_secret_refused_on_approval_label(self, service: EnrollmentService) -> None:
+        secret = _register(service, "DEV-1")
+        csr, _ = device_csr("DEV-1")
+        assert _kind(lambda: service.enroll(der(csr), "approval", _basic("DEV-1", secret))) is (
+            ErrorKind.UNAUTHORIZED
+        )
+        assert isinstance(service.enroll(der(csr), None, _basic("DEV-1", secret)), Enrolled)
 
 
 class TestServerKeyGen:
@@ -531,3 +595,23 @@ class TestConfig:
         with pytest.raises(PKIError) as e:
             load_est_config(hierarchy.config, path)
         assert "labels.x" in e.value.message and "manufacturer_anchors" in e.value.message
+
+
+class TestReenrollNames:
+    def test_reenroll_of_an_old_certificate_gets_the_derived_names(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        """A certificate issued with the CSR's own CN (before [identity]) renews with CN=ID."""
+        service.devices.add("DEV-1", actor="t")
+        profile = hierarchy.config.profile("device")
+        old_csr, _ = device_csr("DEV-1", extra=[x509.NameAttribute(NameOID.COMMON_NAME, "DEV-2")])
+        old = hierarchy.issuance.issue(
+            hierarchy.devices,
+            profile,
+            check_request(load_csr(der(old_csr)), profile),
+            actor="t",
+            on_recorded=lambda r: service.devices.record_enrollment(r, "DEV-1", None),
+        )
+        result = service.reenroll(der(old_csr), None, _tls(old.cert_der))
+        cn = result.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        assert [a.value for a in cn] == ["DEV-1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from pki.clock import SystemClock
 from pki.device import DeviceService
 from pki.enrollment import Enrolled, EnrollmentService
 from pki.errors import ErrorKind, PKIError
+from pki.est_config import ESTConfig, anchor_paths, load_intermediates
 from pki.identity import ClientIdentity
 from pki.idevid import sha256_hex
 from pki.revocation import RevocationService
@@ -269,3 +271,27 @@ class TestPath:
     def test_ca_certificate_as_idevid_refused(self, service: EnrollmentService) -> None:
         # A manufacturer's sub-CA is no device, even with a serialNumber.
         assert "does not verify" in _refused(service, "ACME-14", _tls(ACME_SUB[0]))
+
+
+class TestConfiguration:
+    def test_intermediates_load_and_join_the_tls_client_cas(
+        self, hierarchy: Hierarchy, tmp_path: Path
+    ) -> None:
+        (tmp_path / "acme.pem").write_bytes(ACME[0].public_bytes(serialization.Encoding.PEM))
+        (tmp_path / "sub.pem").write_bytes(ACME_SUB[0].public_bytes(serialization.Encoding.PEM))
+        est = _est(hierarchy)
+        label = est.labels["factory"].model_copy(update={"manufacturer_intermediates": ["sub.pem"]})
+        est = est.model_copy(update={"labels": {**est.labels, "factory": label}})
+        assert load_intermediates(est, "factory", tmp_path) == [ACME_SUB[0]]
+        assert anchor_paths(est, tmp_path) == [tmp_path / "acme.pem", tmp_path / "sub.pem"]
+        (tmp_path / "sub.pem").unlink()
+        with pytest.raises(PKIError) as e:
+            load_intermediates(est, "factory", tmp_path)
+        assert e.value.kind is ErrorKind.CONFIG
+        assert "labels.factory.manufacturer_intermediates" in e.value.message
+
+    def test_intermediates_need_idevid(self, hierarchy: Hierarchy) -> None:
+        base = _est(hierarchy).model_dump()
+        base["labels"]["devices"]["manufacturer_intermediates"] = ["sub.pem"]
+        with pytest.raises(ValueError, match="manufacturer_intermediates"):
+            ESTConfig.model_validate(base)

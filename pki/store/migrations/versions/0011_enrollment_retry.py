@@ -1,7 +1,7 @@
 """enrollment retry: the certificate a spent one-time secret bought
 
-Revision ID: 0009_enrollment_retry
-Revises: 0008_crl_marker
+Revision ID: 0011_enrollment_retry
+Revises: 0010_secret_labels
 
 A request that was issued but whose answer never reached the device is retried with the
 same secret; the link lets the retry get the same certificate again. Certificate rows may
@@ -12,8 +12,8 @@ string, so that needs no schema change.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0009_enrollment_retry"
-down_revision = "0008_crl_marker"
+revision = "0011_enrollment_retry"
+down_revision = "0010_secret_labels"
 branch_labels = None
 depends_on = None
 
