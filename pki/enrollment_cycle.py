@@ -37,7 +37,7 @@ from pki.issuer import IssuanceService, Issued, Issuer
 from pki.serial import serial_hex
 from pki.store import CertificateRecord, CertificateStatus, Database, Session, audit, session_scope
 from pki.store.device_lock import device_lock
-from pki.store.enrollment_models import ApprovalState
+from pki.store.enrollment_models import ApprovalState, SecretState
 from pki.store.enrollment_repository import ApprovalRepository, SecretRepository
 from pki.store.repository import CertificateRepository
 
@@ -105,6 +105,16 @@ class EnrollmentCycle:
                 stranded = list(certs.pending_of_device(grant.device_id))
                 for row in stranded:
                     reader.expunge(row)
+                secret = (
+                    SecretRepository(reader).get(grant.secret_id)
+                    if grant.secret_id is not None
+                    else None
+                )
+                secret_state = secret.state if secret is not None else None
+            if grant.secret_id is not None and secret_state is not SecretState.ACTIVE:
+                # Spent (or replaced) since authentication, by a request that held the lock
+                # before this one: nothing is recorded or signed for this one.
+                return self.resend(grant, request)
             # Only the device's newest certificate renews (RFC 7030 4.2.2 names one
             # successor): another request renewed it first, and only that request's own
             # retry (same key) gets the successor.

@@ -28,6 +28,7 @@ from pki.issuer import Issuer
 from pki.revocation import RevocationService
 from pki.store import CertificateRecord, CertificateStatus, Database, DeviceState, session_scope
 from pki.store.enrollment_models import EnrollmentSecret, PendingApproval, SecretState
+from pki.store.enrollment_repository import session_of
 from tests.csrs import der, device_csr
 from tests.unit.pki.conftest import Hierarchy
 
@@ -610,7 +611,9 @@ class TestReenrollNames:
             profile,
             check_request(load_csr(der(old_csr)), profile),
             actor="t",
-            on_recorded=lambda r: service.devices.record_enrollment(r, "DEV-1", None),
+            on_recorded=lambda r: service.devices.record_enrollment(
+                session_of(r), "DEV-1", None, r.id
+            ),
         )
         result = service.reenroll(der(old_csr), None, _tls(old.cert_der))
         cn = result.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
