@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 
 from flask import Flask, Response, jsonify
-from werkzeug.exceptions import HTTPException
 
 from api import admin, errors
 from api.est.views import create_blueprint
 from api.refusals import est_refusal_hook
-from api.runtime import Runtime
+from api.runtime import Runtime, domain_error
+from pki import issuer_standing
 from pki.device import DeviceService
 from pki.enrollment import EnrollmentService
 from pki.errors import ErrorKind, PKIError
@@ -26,9 +26,6 @@ from pki.refusal import RefusalRecorder
 from pki.revocation import RevocationService
 
 log = logging.getLogger(__name__)
-
-WARM_ATTEMPTS = 5
-WARM_PAUSE_SECONDS = 0.5
 
 
 class RuntimeIssuers:
@@ -48,8 +45,11 @@ class RuntimeIssuers:
                 return self.runtime.issuer(issuer_id)
             except PKIError:
                 raise
-            except Exception as e:  # token errors (hsm.HSMError) and the like
-                log.error("cannot open issuer %s: %s", issuer_id, e)
+            except Exception as e:
+                error = domain_error(e)
+                if error is None:
+                    raise
+                # Logged once, by whoever answers the error (one line per request).
                 raise PKIError(ErrorKind.UNAVAILABLE, "the CA's token is unavailable") from e
 
     def ping_token(self) -> None:
@@ -97,11 +97,6 @@ def enrollment_service(
     )
 
 
-def _is_token_error(error: Exception) -> bool:
-    # api.app_ca may not import hsm (import-linter); the token's one error type lives there.
-    return type(error).__module__.split(".")[0] == "hsm"
-
-
 def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool = False) -> Flask:
     """Creates the CA front app: EST under /.well-known/est, admin API, /healthz."""
     est = est or load_est_config(runtime.config)
@@ -116,54 +111,59 @@ def create_ca_app(runtime: Runtime, *, est: ESTConfig | None = None, warm: bool 
         app,
         plain=True,
         observe=est_refusal_hook(refusals, est.proxy_networks(), est.proxy_cert_header),
+        translate=domain_error,
     )
 
-    @app.errorhandler(Exception)
-    def _unexpected(error: Exception) -> Response | HTTPException:
-        if isinstance(error, HTTPException):
-            return error
-        if _is_token_error(error):
-            log.error("token error: %s", error)
-            return errors.error_response(
-                PKIError(ErrorKind.UNAVAILABLE, "the CA's token is unavailable"), plain=True
-            )
-        log.exception("unexpected error")
-        return errors.error_response(PKIError(ErrorKind.INTERNAL, "internal error"), plain=True)
-
     app.register_blueprint(create_blueprint(service, est))
+    label_issuers = sorted({label.issuer for label in est.labels.values()})
 
     @app.get("/healthz")
     def healthz() -> tuple[Response, int]:
-        database = token = "ok"  # noqa: S105 (a state, not a credential)
+        # A write that changes nothing (a full disk or a read-only store fails it, a SELECT
+        # would not) and a call into the token (fails while the token is gone, at once
+        # after a PIN error: the PIN is never tried again here).
+        database = _probe("database", runtime.db.check_write)
+        token = _probe("token", issuers.ping_token)
         try:
-            runtime.db.ping()
-        except Exception:  # any failure is the answer here
-            database = "unavailable"
-        try:
-            issuers.ping_token()
-        except Exception:
-            token = "unavailable"  # noqa: S105 (a state, not a credential)
-        healthy = database == token == "ok"
-        body = {"status": "ok" if healthy else "degraded", "database": database, "token": token}
+            unfit = issuer_standing.problems(runtime.db, runtime.clock.now(), label_issuers)
+        except Exception:  # the database probe above already says what went wrong
+            unfit = {}
+        healthy = database == token == "ok" and not unfit
+        body: dict[str, object] = {
+            "status": "ok" if healthy else "degraded",
+            "database": database,
+            "token": token,
+        }
+        if unfit:
+            # A revoked or expired issuer issues nothing: EST answers 503 until it is replaced.
+            body["issuers"] = unfit
         return jsonify(body), 200 if healthy else 503
 
     admin.register(app, runtime)
     return app
 
 
+def _probe(name: str, check: Callable[[], None]) -> str:
+    try:
+        check()
+    except Exception as e:  # any failure is the answer here
+        if domain_error(e) is None:
+            log.exception("health check of the %s failed", name)
+        else:
+            log.warning("health check: %s unavailable: %s", name, errors.describe(e))
+        return "unavailable"
+    return "ok"
+
+
 def _warm(issuers: RuntimeIssuers, issuer_ids: list[str]) -> None:
-    # Two workers logging in to SoftHSM at the same instant fail now and then (DESIGN.md):
-    # retry after a short pause. A token still closed leaves the worker up, saying 503.
+    # One attempt per issuer: the token retries the login race of workers starting together
+    # itself, and a PIN error must not be tried again. A token still closed leaves the
+    # worker up, answering 503 until the token comes back.
     for issuer_id in issuer_ids:
-        for attempt in range(WARM_ATTEMPTS):
-            try:
-                issuers.issuer(issuer_id)
-                break
-            except PKIError as e:
-                if e.kind is not ErrorKind.UNAVAILABLE or attempt == WARM_ATTEMPTS - 1:
-                    log.error("issuer %s not ready: %s", issuer_id, e.message)
-                    break
-                time.sleep(WARM_PAUSE_SECONDS * (attempt + 1))
+        try:
+            issuers.issuer(issuer_id)
+        except PKIError as e:
+            log.error("issuer %s not ready: %s", issuer_id, errors.describe(e))
 
 
 def app_from_environ() -> Flask:

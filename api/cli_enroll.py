@@ -120,9 +120,19 @@ def device_import(ctx: click.Context, csv_file: Path) -> None:
     multiple=True,
     help="EST label the secret is valid on (repeatable; default: the default label).",
 )
+@click.option(
+    "--reason",
+    default=None,
+    help="Why a device that has enrolled gets a new secret (required for one; audited).",
+)
 @click.pass_context
 def device_secret(
-    ctx: click.Context, device_id: str, out: Path | None, to_stdout: bool, labels: tuple[str, ...]
+    ctx: click.Context,
+    device_id: str,
+    out: Path | None,
+    to_stdout: bool,
+    labels: tuple[str, ...],
+    reason: str | None,
 ) -> None:
     """Draw a new one-time enrollment secret; an unused older one stops working."""
     from api.app_ca import device_service
@@ -132,7 +142,9 @@ def device_secret(
     rt = _runtime(ctx)
     est = _est(rt)
     valid_on = est.secret_labels(labels)
-    new = device_service(rt, est).new_secret(device_id, actor=_actor(), labels=valid_on)
+    new = device_service(rt, est).new_secret(
+        device_id, actor=_actor(), labels=valid_on, may_redraw=True, reason=reason
+    )
     if out is not None:
         _write_private(out, new.secret + "\n")
         click.echo(

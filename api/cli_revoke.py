@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -19,6 +21,7 @@ from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
 from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
+from pki.refusal import RefusalKind, RefusalRecorder
 from pki.revocation import RevocationService, parse_reason
 from pki.serial import parse_serial, serial_hex
 from pki.store import session_scope
@@ -34,6 +37,20 @@ def _runtime(ctx: click.Context) -> Runtime:
         rt = Runtime.open(obj["config_dir"], obj["data_dir"])
         obj["runtime"] = rt
     return rt
+
+
+@contextlib.contextmanager
+def _confirmation_audited(rt: Runtime) -> Iterator[None]:
+    """Audits a command refused for want of its confirmation flag (exit code 2)."""
+    try:
+        yield
+    except PKIError as e:
+        if e.kind is not ErrorKind.FORBIDDEN:
+            raise
+        RefusalRecorder(rt.db, rt.clock).refused(
+            RefusalKind.CONFIRMATION, e.message, source="cli", subject=_actor()
+        )
+        raise
 
 
 def _is_root(rt: Runtime, issuer_id: str) -> bool:
@@ -81,6 +98,12 @@ def register(group: click.Group) -> None:
     )
     @click.option("--batch", default=None, help="Revoke the certificates of a device batch.")
     @click.option("--no-resign", is_flag=True, help="Do not re-sign the OCSP response here.")
+    @click.option(
+        "--ca",
+        "confirm_ca",
+        is_flag=True,
+        help="Confirm revoking a CA, OCSP-signer, TLS-server or token-key certificate.",
+    )
     @click.pass_context
     def revoke(
         ctx: click.Context,
@@ -90,6 +113,7 @@ def register(group: click.Group) -> None:
         devices: tuple[str, ...],
         batch: str | None,
         no_resign: bool,
+        confirm_ca: bool,
     ) -> None:
         """Revoke a certificate by serial (hex), or every certificate of devices or a batch."""
         flag = parse_reason(reason)
@@ -98,9 +122,14 @@ def register(group: click.Group) -> None:
         rt = _runtime(ctx)
         service = revocation_service(rt, resign=not no_resign)
         if serial is not None:
-            result = service.revoke(
-                serial_hex(parse_serial(serial)), flag, actor=_actor(), issuer_id=issuer_id
-            )
+            with _confirmation_audited(rt):
+                result = service.revoke(
+                    serial_hex(parse_serial(serial)),
+                    flag,
+                    actor=_actor(),
+                    issuer_id=issuer_id,
+                    allow_guarded=confirm_ca,
+                )
             state = "revoked" if result.changed else "already revoked"
             click.echo(f"{state}: {result.issuer_id}/{result.serial_hex} ({result.reason.value})")
             return
@@ -112,13 +141,23 @@ def register(group: click.Group) -> None:
     @group.command("release")
     @click.argument("serial")
     @click.option("--issuer", "issuer_id", default=None, help="Issuer, if the serial is ambiguous.")
+    @click.option(
+        "--ca",
+        "confirm_ca",
+        is_flag=True,
+        help="Confirm releasing a CA, OCSP-signer, TLS-server or token-key certificate.",
+    )
     @click.pass_context
-    def release(ctx: click.Context, serial: str, issuer_id: str | None) -> None:
+    def release(ctx: click.Context, serial: str, issuer_id: str | None, confirm_ca: bool) -> None:
         """Release a certificate from certificateHold (removeFromCRL in the next delta CRL)."""
         rt = _runtime(ctx)
-        result = revocation_service(rt).release(
-            serial_hex(parse_serial(serial)), actor=_actor(), issuer_id=issuer_id
-        )
+        with _confirmation_audited(rt):
+            result = revocation_service(rt).release(
+                serial_hex(parse_serial(serial)),
+                actor=_actor(),
+                issuer_id=issuer_id,
+                allow_guarded=confirm_ca,
+            )
         click.echo(f"released: {result.issuer_id}/{result.serial_hex}")
 
     @group.group("crl")

@@ -123,6 +123,11 @@ class CAClient:
         result: dict[str, Any] = self._admin("POST", f"/api/v1/devices/{device_id}/secret", payload)
         return result
 
+    def certificates(self, device_id: str) -> list[x509.Certificate]:
+        """Fetches a device's issued certificates from the admin API."""
+        result = self._admin("GET", f"/api/v1/devices/{device_id}/certificates")
+        return [x509.load_pem_x509_certificate(p.encode()) for p in result["certificates"]]
+
     def cacerts(self) -> list[x509.Certificate]:
         """Fetches the CA chain the devices must trust. See RFC 7030 4.1."""
         _, body = self._request("GET", f"{self.config.est_base}/cacerts")
@@ -203,14 +208,20 @@ def provision_station(client: CAClient, config: FactoryConfig, row: ManifestRow)
     """Makes the key and CSR at the station and enrolls them over EST."""
     ddir = config.batch_dir / "devices" / row.device_id
     ddir.mkdir(parents=True, exist_ok=True)
+    resumed = (ddir / "key.pem").exists()
     key = _load_or_make_key(ddir / "key.pem")
     cert_path = ddir / "cert.pem"
     if cert_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         if _same_key(cert, key):
             return _result(row.device_id, cert, skipped=True)
-    secret = client.new_secret(row.device_id)["secret"]
-    certs = client.enroll(row.device_id, secret, device_csr_der(row.device_id, key))
+    # A run killed after the CA issued but before cert.pem was written: the device has
+    # enrolled, so no new secret is drawn for it (only an admin may); its certificate for
+    # the key on disk is fetched instead.
+    certs = [c for c in client.certificates(row.device_id) if _same_key(c, key)] if resumed else []
+    if not certs:
+        secret = client.new_secret(row.device_id)["secret"]
+        certs = client.enroll(row.device_id, secret, device_csr_der(row.device_id, key))
     leaf = next((c for c in certs if _same_key(c, key)), None)
     if leaf is None:
         raise ProvisioningError("the CA returned no certificate for the device's key")

@@ -43,9 +43,15 @@ def _named(identity: ClientIdentity) -> str | None:
     return None
 
 
-def est_kind(status: int, reenroll: bool, identity: ClientIdentity) -> RefusalKind | None:
+THROTTLED = "throttled"  # the detail pki.device gives a login refused by its throttle
+
+
+def est_kind(
+    status: int, reenroll: bool, identity: ClientIdentity, detail: str | None = None
+) -> RefusalKind | None:
     """Says which refusal an EST error status is, or None when it is not one."""
-    if status == 429:
+    # A throttled login answers the same 401 as any failed one; only its detail tells.
+    if status == 429 or detail == THROTTLED:
         return RefusalKind.THROTTLE
     if reenroll and status in (401, 403, 409):
         return RefusalKind.REENROLL
@@ -80,7 +86,8 @@ def est_refusal_hook(
             )
         except PKIError:  # credentials that do not even parse: the address is all we have
             identity = ClientIdentity(address=client_address(request.environ, proxies))
-        kind = est_kind(status_for(error), request.endpoint in REENROLL_ENDPOINTS, identity)
+        reenroll = request.endpoint in REENROLL_ENDPOINTS
+        kind = est_kind(status_for(error), reenroll, identity, error.detail)
         if kind is not None:
             _record(recorder, kind, error, identity.address, _named(identity))
 

@@ -18,7 +18,7 @@ import hsm
 from pki.clock import Clock, SystemClock
 from pki.config import ConfigSet
 from pki.crl_publisher import CRLPublisherConfig
-from pki.errors import config_error, not_found
+from pki.errors import ErrorKind, PKIError, config_error, not_found
 from pki.issuer import IssuanceHook, IssuanceService, Issuer, _no_hook
 from pki.ocsp_responder import OCSPResponderConfig
 from pki.store import Database, audit, session_scope
@@ -26,6 +26,20 @@ from pki.store.repository import IssuerRepository
 
 DEFAULT_CONFIG_DIR = "ca-config"
 DEFAULT_DATA_DIR = "dev-data"
+
+
+def domain_error(error: BaseException) -> PKIError | None:
+    """Returns the domain error for a failure the web edge may answer, or None for a bug.
+
+    Token errors reach the edge as hsm.HSMError from inside pki (a key object signs through
+    the token); every one of them means the key cannot be used right now, HTTP 503 or OCSP
+    tryLater. pki.store already raises database outages as PKIError.
+    """
+    if isinstance(error, PKIError):
+        return error
+    if isinstance(error, hsm.HSMError):
+        return PKIError(ErrorKind.UNAVAILABLE, "the token is unavailable")
+    return None
 
 
 def resolve_database_url(url: str, data_dir: Path) -> str:

@@ -20,8 +20,9 @@ from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import http_date
 
-from api.runtime import Runtime
+from api.runtime import Runtime, domain_error
 from pki.errors import ErrorKind, PKIError
+from pki.ocsp import CertStatus, SingleAnswer, build_response
 from pki.ocsp_responder import (
     OCSPAnswer,
     OCSPResponder,
@@ -44,6 +45,8 @@ CERT_TYPE = "application/pkix-cert"
 MAX_OCSP_REQUEST = 16 * 1024
 # CRLs and CA certificates change rarely but must not be cached past nextUpdate.
 MAX_CRL_AGE = 3600
+# nextUpdate of the throw-away response /healthz signs (it must be after thisUpdate).
+HEALTH_PROBE_VALIDITY = datetime.timedelta(minutes=1)
 
 
 class VA:
@@ -112,22 +115,56 @@ def _ocsp_response(va: VA, answer: OCSPAnswer) -> Response:
 
 
 def answer_ocsp(va: VA, request_der: bytes) -> OCSPAnswer:
+    """Answers one OCSP request; an outage of the token or database is tryLater, one line."""
     try:
         return va.responder.respond(request_der)
-    except PKIError as exc:
-        if exc.kind is ErrorKind.UNAVAILABLE:
+    except Exception as exc:
+        error = domain_error(exc)
+        if error is None:
+            log.exception("OCSP failed")
+        elif error.kind is ErrorKind.UNAVAILABLE:
+            # RFC 6960 §2.3: tryLater, "Try again later"; the client retries.
+            log.warning("OCSP tryLater: %s: %s", error.message, exc)
             return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
-        log.error("OCSP failed: %s", exc.message)
-    except Exception:  # the token or database failed under us: tell the client to retry
-        log.exception("OCSP failed")
-        return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
+        else:
+            log.error("OCSP failed: %s", error.message)
     return error_answer(x509_ocsp.OCSPResponseStatus.INTERNAL_ERROR)
+
+
+def live_signing(va: VA) -> dict[str, str]:
+    """Signs a throw-away response with every issuer's OCSP signer; "ok" or what failed."""
+    signers = va.signers
+    signers.refresh()
+    now = va.runtime.clock.now()
+    report: dict[str, str] = {}
+    for issuer_id in signers.matchers():
+        signer = signers.signer(issuer_id)
+        if signer is None:
+            report[issuer_id] = signers.problems.get(issuer_id, "no OCSP signer")
+            continue
+        # Serial 1 with status unknown: nothing is stored and nothing is sent.
+        cert_id = signer.matcher.cert_id(1)
+        probe = SingleAnswer(cert_id, CertStatus.unknown(), now, now + HEALTH_PROBE_VALIDITY)
+        try:
+            build_response(signer, [probe], now)
+        except Exception as exc:
+            error = domain_error(exc)
+            if error is None or error.kind is not ErrorKind.UNAVAILABLE:
+                raise
+            report[issuer_id] = f"unavailable: {exc}"
+            continue
+        report[issuer_id] = "ok"
+    return report
 
 
 def decode_get(encoded: str) -> bytes | None:
     """Decodes the GET form: base64 of the DER, URL-encoded; RFC 6960 Appendix A.1."""
     # Some clients leave '+' unescaped and proxies turn it into a space.
-    text = encoded.replace(" ", "+").strip("/")
+    text = encoded.replace(" ", "+").lstrip("/")
+    # A slash appended after the base64 is dropped; a final "/" that is the base64's own last
+    # character (a length that is a multiple of 4) stays.
+    if text.endswith("/") and len(text) % 4 == 1:
+        text = text[:-1]
     if len(text) > MAX_OCSP_REQUEST * 2:
         return None
     text += "=" * (-len(text) % 4)
@@ -232,13 +269,11 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
             healthy = False
         if healthy:
             try:
-                va.signers.refresh()
-                signers = {i: "ok" for i in va.signers.matchers() if va.signers.signer(i)}
-                signers.update(va.signers.problems)
+                signers = live_signing(va)
                 report["ocsp_signers"] = signers
                 healthy = any(v == "ok" for v in signers.values())
-            except Exception as exc:  # token unavailable: say so instead of failing
-                report["ocsp_signers"] = f"unavailable: {exc}"
+            except PKIError as exc:  # the database failed while the signers reloaded
+                report["ocsp_signers"] = f"unavailable: {exc.message}"
                 healthy = False
         report["status"] = "ok" if healthy else "unavailable"
         return jsonify(report), 200 if healthy else 503

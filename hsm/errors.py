@@ -103,6 +103,36 @@ NO_RETRY_LOGIN_ERRORS = (
 )
 
 
+# Errors that mean the module lost the token or itself (token removed, device failure, a
+# token directory gone): the session pool is dropped and the module re-initialised before
+# the next use. Any other refusal (a protected attribute, a vendor error code) leaves the
+# sessions alone.
+OUTAGE_ERRORS = (
+    p11.GeneralError,
+    p11.DeviceError,
+    p11.DeviceMemory,
+    p11.DeviceRemoved,
+    p11.FunctionFailed,
+    p11.HostMemory,
+    p11.NoSuchToken,
+    p11.SessionClosed,
+    p11.SessionHandleInvalid,
+    p11.SlotIDInvalid,
+    p11.TokenNotPresent,
+    p11.TokenNotRecognised,
+)
+_OUTAGE_NAMES = frozenset(cls.__name__ for cls in OUTAGE_ERRORS)
+
+
+def is_outage(error: HSMError) -> bool:
+    """Tells whether an error means the token or module is gone, rather than a refusal."""
+    if error.kind is not HSMErrorKind.UNAVAILABLE:
+        return False
+    # Our own "unavailable" errors (module not loadable, token label missing) carry no
+    # PKCS#11 name; those from the module count only if they are outage errors.
+    return error.token_error is None or error.token_error in _OUTAGE_NAMES
+
+
 def kind_of(exc: p11.PKCS11Error) -> HSMErrorKind:
     """Returns the kind a PKCS#11 exception maps to."""
     if isinstance(exc, _LOGIN):

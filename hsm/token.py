@@ -24,6 +24,7 @@ from hsm.errors import (
     HSMError,
     HSMErrorKind,
     from_pkcs11,
+    is_outage,
 )
 from hsm.keys import HSMECPrivateKey, HSMPrivateKey, HSMRSAPrivateKey
 from hsm.uri import PKCS11URI
@@ -35,6 +36,11 @@ T = TypeVar("T")
 # failed open/login is retried after a short, growing pause: 50, 100, 200, 400 ms.
 LOGIN_ATTEMPTS = 5
 LOGIN_FIRST_PAUSE = 0.05
+# After a token error other than a PIN error the module is re-initialised on the next use
+# (SoftHSM and most modules rescan their tokens only in C_Initialize). Until then, and
+# between failed attempts, calls fail at once: 0.25 s after the first failure, doubling to 4 s.
+RECOVERY_FIRST_PAUSE = 0.25
+RECOVERY_MAX_PAUSE = 4.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,8 @@ class _Library:
         self.needs_child_init = False
         # Bumped at every C_Initialize; a session opened under an older generation is dead.
         self.generation = 0
+        # Set by a token error that left the module's view of its tokens in doubt.
+        self.broken = False
         self.states: dict[str, _TokenState] = {}
         # The SOFTHSM2_CONF argument last found consistent with the loaded module: checking it
         # again resolves paths on disk (four lstat calls), on every signature otherwise.
@@ -105,6 +113,7 @@ class _Library:
             softhsm_conf == self._checked_conf
             and self.lib is not None
             and not self.needs_child_init
+            and not self.broken
             and self.pid == os.getpid()
         ):
             return self.lib
@@ -142,6 +151,8 @@ class _Library:
             )
         if self.needs_child_init:
             self._child_init()
+        elif self.broken:
+            self.reinitialize()
         self._checked_conf = softhsm_conf
         return self.lib
 
@@ -170,7 +181,15 @@ class _Library:
             os.environ["SOFTHSM2_CONF"] = self.softhsm_conf
         self.states.clear()
         self.generation += 1
-        self.lib.reinitialize()
+        # A module whose token vanished may refuse C_Finalize; C_Initialize follows anyway.
+        with contextlib.suppress(p11.PKCS11Error):
+            self.lib.finalize()
+        try:
+            self.lib.initialize()
+        except p11.PKCS11Error as exc:
+            self.broken = True
+            raise from_pkcs11(exc, f"re-initialise {self.path}") from exc
+        self.broken = False
 
     def find_token(self, label: str) -> Any:
         """Returns the pkcs11 Token labelled `label`, re-scanning slots once if it is missing."""
@@ -237,6 +256,14 @@ class Token:
         # module must be opened in each worker, after the fork.
         self._library = _library_for(module_path)
         self._keys: dict[str, HSMPrivateKey] = {}
+        # A PIN error is final for this object: every wrong PIN counts towards the token's
+        # lock-out (CKF_USER_PIN_LOCKED), so the PIN is not tried again until the process is
+        # restarted (or a reload builds a new Token).
+        self._login_error: HSMError | None = None
+        # Back-off after an "unavailable" error: no call reaches the module before _retry_at.
+        self._last_error: HSMError | None = None
+        self._pause = 0.0
+        self._retry_at = 0.0
         self._destroyable_supported = True
 
     def __repr__(self) -> str:
@@ -439,17 +466,55 @@ class Token:
     def _run(self, action: str, operation: Callable[[_TokenState], T]) -> T:
         library = self._library
         with library.lock:
+            self._check_ready(action)
             try:
                 state = self._open_locked()
                 try:
-                    return operation(state)
+                    result = operation(state)
                 except STALE_SESSION_ERRORS:
                     # The session or a cached handle went stale (token re-inserted, module
                     # re-initialised by someone else): reopen once and try again.
                     library.states.pop(self.label, None)
-                    return operation(self._open_locked())
+                    result = operation(self._open_locked())
             except p11.PKCS11Error as exc:
-                raise from_pkcs11(exc, action) from exc
+                error = from_pkcs11(exc, action)
+                self._failed(error)
+                raise error from exc
+            except HSMError as error:
+                self._failed(error)
+                raise
+            self._pause = 0.0
+            self._last_error = None
+            return result
+
+    def _check_ready(self, action: str) -> None:
+        """Raises at once after a PIN error, or while the back-off after an outage runs."""
+        if self._login_error is not None:
+            raise HSMError(
+                HSMErrorKind.LOGIN,
+                f"{action}: {self._login_error.message}; the PIN is not tried again before "
+                "a restart or reload",
+                token_error=self._login_error.token_error,
+            )
+        wait = self._retry_at - time.monotonic()
+        if self._last_error is not None and wait > 0:
+            raise HSMError(
+                HSMErrorKind.UNAVAILABLE,
+                f"{action}: token {self.label!r} unavailable ({self._last_error.message}); "
+                f"next attempt in {wait:.1f} s",
+                token_error=self._last_error.token_error,
+            )
+
+    def _failed(self, error: HSMError) -> None:
+        """Drops the session pool after an outage, so the next use re-initialises the module."""
+        if not is_outage(error):
+            return  # a wrong key name or a refused attribute says nothing about the token
+        library = self._library
+        library.states.pop(self.label, None)
+        library.broken = True
+        self._pause = min(max(self._pause * 2, RECOVERY_FIRST_PAUSE), RECOVERY_MAX_PAUSE)
+        self._retry_at = time.monotonic() + self._pause
+        self._last_error = error
 
     def _open_locked(self) -> _TokenState:
         library = self._library
@@ -479,8 +544,10 @@ class Token:
                 opened: pkcs11.Session = p11_token.open(rw=True)
                 return opened
             except NO_RETRY_LOGIN_ERRORS as exc:
-                # Never retried: each wrong PIN counts towards the token's lock-out.
-                raise from_pkcs11(exc, f"log in to token {self.label!r}") from exc
+                # Never retried, not even by a later call: each wrong PIN counts towards the
+                # token's lock-out.
+                self._login_error = from_pkcs11(exc, f"log in to token {self.label!r}")
+                raise self._login_error from exc
             except p11.PKCS11Error as exc:
                 last = exc
                 if attempt + 1 < LOGIN_ATTEMPTS:

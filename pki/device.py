@@ -473,6 +473,12 @@ class DeviceService:
             )
             return [_info(d, None, None) for d in rows]
 
+    def certificates(self, device_id: str) -> Sequence[bytes]:
+        """Returns a registered device's issued certificates (DER), newest first."""
+        with self.db.read_session() as session:
+            DeviceRepository(session).get(device_id)
+            return CertificateRepository(session).issued_der_of_device(device_id)
+
     def decommission(self, device_id: str, *, actor: str) -> Decommissioned:
         """Retires a device for good, in one transaction: revokes its active certificates
         (cessationOfOperation), erases what the registry holds beyond the audit trail's
@@ -518,11 +524,20 @@ class DeviceService:
     # --- one-time secrets -------------------------------------------------------------
 
     def new_secret(
-        self, device_id: str, *, actor: str, labels: Sequence[str] | None = None
+        self,
+        device_id: str,
+        *,
+        actor: str,
+        labels: Sequence[str] | None = None,
+        may_redraw: bool = False,
+        reason: str | None = None,
     ) -> NewSecret:
         """Draws a new one-time secret for a device, valid on `labels` (None: the default label).
 
-        Any unused older secret of the device stops working.
+        Any unused older secret of the device stops working. A secret for a device that has
+        enrolled would let its holder take the device's identity over: it is drawn only with
+        `may_redraw` (the admin role, the pki command) and a reason, which the audit event
+        records.
         """
         if labels is not None and (not labels or any("," in label for label in labels)):
             raise bad_request("a secret needs at least one label, and label names have no ','")
@@ -531,7 +546,8 @@ class DeviceService:
         hashed = hash_secret(secret)
         expires_at = now + self.secret_lifetime
         with session_scope(self.db) as session:
-            device = DeviceRepository(session).get(device_id, for_update=True)
+            devices = DeviceRepository(session)
+            device = devices.get(device_id, for_update=True)
             if device.state not in ENROLLABLE:
                 raise conflict(f"device {device_id} is {device.state.value}: it cannot enroll")
             binding = BindingRepository(session).find(device_id)
@@ -539,6 +555,16 @@ class DeviceService:
                 raise conflict(
                     f"device {device_id} enrolls with its manufacturer certificate (IDevID), "
                     "not a secret"
+                )
+            redrawn = devices.ever_enrolled(device)
+            if redrawn and not may_redraw:
+                raise PKIError(
+                    ErrorKind.FORBIDDEN,
+                    f"device {device_id} has enrolled: a new secret for it needs the admin role",
+                )
+            if redrawn and not (reason and reason.strip()):
+                raise bad_request(
+                    f"device {device_id} has enrolled: give the reason for a new secret"
                 )
             repo = SecretRepository(session)
             replaced = repo.replace_active(device_id)
@@ -558,12 +584,13 @@ class DeviceService:
                 session,
                 at=now,
                 actor=actor,
-                action="device.secret_issued",
+                action="device.secret_redrawn" if redrawn else "device.secret_issued",
                 target=device_id,
                 details={
                     "expires_at": expires_at.isoformat(),
                     "replaced": replaced,
                     "labels": list(labels) if labels is not None else None,
+                    **({"reason": (reason or "").strip()[:200]} if redrawn else {}),
                 },
             )
         return NewSecret(device_id, secret, expires_at)

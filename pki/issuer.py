@@ -29,6 +29,7 @@ from pki.clock import Clock
 from pki.config import ProfileConfig, URLConfig
 from pki.csr import CertificateRequest, subject_text
 from pki.errors import ErrorKind, PKIError, config_error, internal
+from pki.issuer_standing import expiry_problem, revocation_problem, unfit
 from pki.profile import IssuerView, certificate_builder
 from pki.serial import new_serial, serial_hex
 from pki.store import (
@@ -214,13 +215,23 @@ class IssuanceService:
         """
         self._check_profile(issuer, profile)
         now = self.clock.now()
+        own = getattr(issuer, "certificate", None)  # a root in its ceremony has none yet
+        if own is not None and (problem := expiry_problem(issuer.issuer_id, own, now)):
+            raise unfit(problem)
         sans = [describe_san(n) for n in request.sans]
         for _attempt in range(SERIAL_ATTEMPTS):
             serial = new_serial()
             builder, tbs, pre = self._build(issuer, profile, request, serial, now, validity_days)
             try:
                 with session_scope(self.db) as session:
-                    record = CertificateRepository(session).add_pending(
+                    certificates = CertificateRepository(session)
+                    # In the transaction that records the certificate: a revocation of the
+                    # issuer committed before it is seen, and nothing is recorded or signed.
+                    if own is not None and (
+                        problem := revocation_problem(certificates, issuer.issuer_id, own)
+                    ):
+                        raise unfit(problem)
+                    record = certificates.add_pending(
                         issuer_id=issuer.issuer_id,
                         serial_hex=serial_hex(serial),
                         profile=profile.name,

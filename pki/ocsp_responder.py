@@ -67,6 +67,9 @@ KeyLoader = Callable[[str], CertificateIssuerPrivateKeyTypes]
 SIGNER_RELOAD = datetime.timedelta(minutes=5)
 # An issuer without a usable signer (revoked, not renewed yet) is looked up again this soon.
 SIGNER_RETRY = datetime.timedelta(seconds=10)
+# A signer whose key could not be opened (the token away) is tried again sooner; the
+# token's own back-off keeps the attempts cheap.
+KEY_RETRY = datetime.timedelta(seconds=2)
 # The hash algorithm of pre-signed CertIDs: what OpenSSL and most clients send.
 PRESIGN_HASH = "sha1"
 
@@ -113,7 +116,10 @@ class OCSPQuery:
 
     request: OCSPRequestInfo
     issuer_id: str
-    signer: OCSPSigner
+    matcher: IssuerMatcher
+    # None while the issuer's signer key cannot be used (the token is away): stored
+    # responses are still served, live signing answers tryLater.
+    signer: OCSPSigner | None
     # For each CertID of the request: whether it names this issuer.
     owned: tuple[bool, ...]
 
@@ -178,6 +184,7 @@ class SignerSet:
                 matchers[issuer_id] = IssuerMatcher(x509.load_der_x509_certificate(cert_der))
         signers: dict[str, OCSPSigner] = {}
         problems: dict[str, str] = {}
+        unusable = False
         for issuer_id, (cert_der, key_uri) in newest.items():
             matcher = matchers.get(issuer_id)
             if matcher is None:
@@ -193,16 +200,19 @@ class SignerSet:
             except Exception as exc:  # a token or config problem leaves this issuer unsigned
                 log.error("OCSP signer of %s unavailable: %s", issuer_id, exc)
                 problems[issuer_id] = str(exc)
+                unusable = True
         for issuer_id in matchers:
             if issuer_id not in signers and issuer_id not in problems:
                 problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
-        self._due = min(
-            [now + self.reload_every]
-            + [now + SIGNER_RETRY for _ in problems][:1]
-            + [s.responder_cert.not_valid_after_utc for s in signers.values()]
-        )
+        due = [now + self.reload_every]
+        due += [s.responder_cert.not_valid_after_utc for s in signers.values()]
+        if problems:
+            due.append(now + SIGNER_RETRY)
+        if unusable:
+            due.append(now + KEY_RETRY)
+        self._due = min(due)
 
     def refresh(self, *, force: bool = False) -> None:
         """Reloads issuers and signers when due (or forced)."""
@@ -246,7 +256,7 @@ class PresignedSource:
         if cert_id.serial <= 0 or cert_id.hash_algorithm != PRESIGN_HASH:
             return None
         # The client checks that the response's CertID is the one it sent (RFC 6960 §3.2).
-        if query.signer.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
+        if query.matcher.cert_id(cert_id.serial, PRESIGN_HASH).der != cert_id.der:
             return None
         now = self.clock.now()
         stored = self.responses.find(query.issuer_id, serial_hex(cert_id.serial), now)
@@ -311,6 +321,8 @@ class LiveSource:
         return state is not None and state.status is CertificateStatus.ISSUED
 
     def _signer(self, query: OCSPQuery) -> OCSPSigner | None:
+        if query.signer is None:
+            return None  # no signer key can be opened now: tryLater
         if self.signers is None or self._usable(query.issuer_id, query.signer):
             return query.signer
         log.warning("OCSP signer of %s is no longer valid: reloading signers", query.issuer_id)
@@ -371,10 +383,10 @@ class OCSPResponder:
                 # query to this server" -- and no certificate here is ours to answer for.
                 return error_answer(x509_ocsp.OCSPResponseStatus.UNAUTHORIZED)
             issuer_id = known[0]
+            matcher = self.signers.matchers()[issuer_id]
             signer = self.signers.signer(issuer_id)
-            if signer is None:
-                return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)
-            query = OCSPQuery(request, issuer_id, signer, tuple(i == issuer_id for i in issuers))
+            owned = tuple(i == issuer_id for i in issuers)
+            query = OCSPQuery(request, issuer_id, matcher, signer, owned)
             for source in self.sources:
                 answer = source.answer(query)
                 if answer is not None:

@@ -15,9 +15,10 @@ import datetime
 from collections.abc import Callable, Sequence
 
 from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from pki.clock import Clock
-from pki.errors import bad_request, conflict, not_found
+from pki.errors import ErrorKind, PKIError, bad_request, conflict, not_found
 from pki.store import (
     CertificateRecord,
     CertificateStatus,
@@ -39,6 +40,46 @@ OCSP_SIGNER_PROFILE = "ocsp-signer"
 
 # Bulk revocations touch at most this many certificates per call.
 MAX_BULK = 100_000
+
+# What a certificate is used for, when revoking it takes more than an ordinary revocation.
+_GUARDED_USES = {
+    ExtendedKeyUsageOID.OCSP_SIGNING: "an OCSP-signer",
+    ExtendedKeyUsageOID.SERVER_AUTH: "a TLS-server",
+}
+
+
+def guarded_kind(record: CertificateRecord) -> str | None:
+    """Names what a certificate is when revoking it needs the admin role or --ca, else None.
+
+    CA certificates, OCSP signers, TLS servers (the CA front's and brokers') and every
+    certificate whose key this CA holds in its token: revoking one stops the service or a
+    broker, not one device.
+    """
+    if record.key_uri is not None:
+        return "a token-key"
+    if record.cert_der is None:
+        return None
+    cert = x509.load_der_x509_certificate(record.cert_der)
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "a CA"
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    return next((name for oid, name in _GUARDED_USES.items() if oid in usages), None)
+
+
+def _check_guarded(record: CertificateRecord, allow_guarded: bool, verb: str) -> None:
+    kind = guarded_kind(record)
+    if kind is not None and not allow_guarded:
+        raise PKIError(
+            ErrorKind.FORBIDDEN,
+            f"certificate {record.serial_hex} is {kind} certificate: to {verb} it needs the "
+            "admin role (admin API) or --ca (pki command)",
+        )
 
 
 def parse_reason(text: str) -> x509.ReasonFlags:
@@ -82,18 +123,26 @@ class RevocationService:
         self.listeners: list[RevocationListener] = []
 
     def revoke(
-        self, serial_hex: str, reason: x509.ReasonFlags, *, actor: str, issuer_id: str | None = None
+        self,
+        serial_hex: str,
+        reason: x509.ReasonFlags,
+        *,
+        actor: str,
+        issuer_id: str | None = None,
+        allow_guarded: bool = False,
     ) -> Revoked:
         """Revokes a certificate; idempotent, and a reason may only be raised to keyCompromise.
 
         A certificate on hold (certificateHold) may also be revoked for good with any reason,
-        as RFC 5280 §5.3.1 lets a hold become permanent.
+        as RFC 5280 §5.3.1 lets a hold become permanent. A CA, OCSP-signer, TLS-server or
+        token-key certificate (guarded_kind) is revoked only with allow_guarded.
         """
         _check_reason(reason)
         now = self.clock.now()
         with session_scope(self.db) as session:
             store = RevocationStore(session)
             record = store.certificates.by_serial(serial_hex, issuer_id, for_update=True)
+            _check_guarded(record, allow_guarded, "revoke")
             result = _revoke_record(store, record, reason, now)
             if result.changed:
                 store.write_changes()
@@ -155,12 +204,20 @@ class RevocationService:
             self._tell(result)
         return BulkRevoked(results, tuple(sorted(devices)))
 
-    def release(self, serial_hex: str, *, actor: str, issuer_id: str | None = None) -> Revoked:
+    def release(
+        self,
+        serial_hex: str,
+        *,
+        actor: str,
+        issuer_id: str | None = None,
+        allow_guarded: bool = False,
+    ) -> Revoked:
         """Releases a certificate from certificateHold; the next delta CRL says removeFromCRL."""
         now = self.clock.now()
         with session_scope(self.db) as session:
             store = RevocationStore(session)
             record = store.certificates.by_serial(serial_hex, issuer_id, for_update=True)
+            _check_guarded(record, allow_guarded, "release")
             if (
                 record.status is not CertificateStatus.REVOKED
                 or record.revocation_reason != x509.ReasonFlags.certificate_hold.value

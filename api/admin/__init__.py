@@ -99,15 +99,21 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         ident: AdminIdentity | None = g.get("admin_identity")
         if ident is not None and response.status_code not in (401, 403):
             now = runtime.clock.now()
-            with session_scope(runtime.db) as session:
-                audit.append(
-                    session,
-                    at=now,
-                    actor=ident.actor,
-                    action="admin.call",
-                    target=f"{request.method} {request.path}"[:512],
-                    details={"role": ident.role.value, "status": response.status_code},
-                )
+            try:
+                with session_scope(runtime.db) as session:
+                    audit.append(
+                        session,
+                        at=now,
+                        actor=ident.actor,
+                        action="admin.call",
+                        target=f"{request.method} {request.path}"[:512],
+                        details={"role": ident.role.value, "status": response.status_code},
+                    )
+            except PKIError as error:
+                # A call that cannot be audited is answered as failed, never as a 500.
+                if error.kind is not ErrorKind.UNAVAILABLE:
+                    raise
+                response = error_response(error)
         response.headers["Cache-Control"] = "no-store"
         return response
 
@@ -141,7 +147,11 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         body = _json_body()
         reason = parse_reason(body.get("reason", "unspecified"))
         result = revocations.revoke(
-            wanted, reason, actor=ident.actor, issuer_id=_optional_str(body, "issuer")
+            wanted,
+            reason,
+            actor=ident.actor,
+            issuer_id=_optional_str(body, "issuer"),
+            allow_guarded=ident.role is Role.ADMIN,
         )
         return jsonify({**_revoked(result), "changed": result.changed})
 
@@ -151,7 +161,10 @@ def create_blueprint(runtime: Runtime) -> Blueprint:
         wanted = _serial(serial)
         body = _json_body() if request.content_length else {}
         result = revocations.release(
-            wanted, actor=ident.actor, issuer_id=_optional_str(body, "issuer")
+            wanted,
+            actor=ident.actor,
+            issuer_id=_optional_str(body, "issuer"),
+            allow_guarded=ident.role is Role.ADMIN,
         )
         return jsonify({"issuer": result.issuer_id, "serial": result.serial_hex, "released": True})
 

@@ -7,6 +7,8 @@ import io
 from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from flask import Blueprint, Response, jsonify, request
 
 from api.runtime import Runtime
@@ -18,6 +20,10 @@ from pki.est_config import load_est_config
 PROVISIONERS = frozenset({Role.FACTORY, Role.OPERATOR})
 READERS = frozenset({Role.FACTORY, Role.OPERATOR, Role.AUDITOR})
 MAX_DEVICES = 100_000
+
+
+def pem_of(der: bytes) -> str:
+    return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode()
 
 
 def _csv_of(devices: list[Any]) -> str:
@@ -77,10 +83,23 @@ def add_device_routes(
 
     @bp.post("/devices/<device_id>/secret")
     def new_secret(device_id: str) -> Response:
-        """Draws a new one-time enrollment secret; it is in this answer and nowhere else."""
+        """Draws a new one-time enrollment secret; it is in this answer and nowhere else.
+
+        For a device that has enrolled, only an admin may, with a "reason" in the body.
+        """
         ident = identity(PROVISIONERS)
-        labels = est.secret_labels(_labels(json_body() if request.content_length else {}))
-        secret = devices.new_secret(device_id, actor=ident.actor, labels=labels)
+        body = json_body() if request.content_length else {}
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise bad_request("reason must be a string")
+        labels = est.secret_labels(_labels(body))
+        secret = devices.new_secret(
+            device_id,
+            actor=ident.actor,
+            labels=labels,
+            may_redraw=ident.role is Role.ADMIN,
+            reason=reason,
+        )
         return jsonify(
             {
                 "device_id": secret.device_id,
@@ -94,3 +113,10 @@ def add_device_routes(
     def show_device(device_id: str) -> Response:
         identity(READERS)
         return jsonify(devices.show(device_id).as_dict())
+
+    @bp.get("/devices/<device_id>/certificates")
+    def device_certificates(device_id: str) -> Response:
+        """Lists a device's issued certificates (PEM): a resumed factory run finds its own."""
+        identity(READERS)
+        pems = [pem_of(der) for der in devices.certificates(device_id)]
+        return jsonify({"device_id": device_id, "certificates": pems})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,9 +12,10 @@ from typing import Any, Protocol
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import create_engine, event, inspect, make_url
+from sqlalchemy import create_engine, event, inspect, make_url, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 __all__ = ["Database", "Session", "alembic_config", "session_scope"]
@@ -52,6 +54,40 @@ def _sqlite_begin_immediate(conn: Any) -> None:
         conn.exec_driver_sql("BEGIN")
     else:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def unavailable(exc: BaseException) -> PKIError | None:
+    """Returns the `unavailable` domain error for a failure of the database itself, else None.
+
+    Lost or refused connections, a full disk, a read-only file or a lock wait that timed out
+    say nothing about the request: the caller may try again later (HTTP 503, OCSP tryLater).
+    The message names no statement and no parameter; the cause keeps the driver's error.
+    """
+    if isinstance(exc, OperationalError | InterfaceError | PoolTimeoutError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        return PKIError(ErrorKind.UNAVAILABLE, "database unavailable")
+    return None
+
+
+@contextlib.contextmanager
+def _domain_errors() -> Iterator[None]:
+    try:
+        yield
+    except DBAPIError as exc:
+        error = unavailable(exc)
+        if error is None:
+            raise
+        raise error from exc
+    except PoolTimeoutError as exc:
+        raise PKIError(ErrorKind.UNAVAILABLE, "database unavailable") from exc
+
+
+# Below this much free space on its file system a SQLite database reports itself full.
+MIN_FREE_BYTES = 1 << 20
+
+# The probe row of check_write(): the audit head, which every audited write locks anyway.
+_PROBE = "UPDATE audit_head SET seq = seq + :step WHERE id = 1"
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -121,7 +157,7 @@ class Database:
         if os.getpid() != self._pid:
             self.engine.dispose(close=False)
             self._pid = os.getpid()
-        with self.engine.connect() as conn:
+        with _domain_errors(), self.engine.connect() as conn:
             conn.execution_options(**{READ_ONLY: True})
             with conn.begin():
                 yield conn
@@ -141,11 +177,23 @@ class Database:
 
     def ping(self) -> None:
         """Checks that the database answers."""
-        try:
-            with self.engine.connect() as conn:
-                conn.exec_driver_sql("SELECT 1")
-        except OperationalError as e:
-            raise PKIError(ErrorKind.UNAVAILABLE, "database unavailable") from e
+        with self.reader() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
+    def check_write(self) -> None:
+        """Commits a write that changes nothing, so a full disk or read-only store shows."""
+        # Two updates of the audit head that cancel out: the row's page is written (a single
+        # update to the same value is skipped by SQLite), the transaction commits through the
+        # journal or WAL, and the chain is as it was.
+        with _domain_errors(), self.engine.begin() as conn:
+            conn.execute(text(_PROBE), {"step": 1})
+            conn.execute(text(_PROBE), {"step": -1})
+        if self.is_sqlite and self.engine.url.database:
+            # SQLite writes into its WAL file until a checkpoint must grow the database
+            # file, so a write can still pass on a full disk that fails the next enrollment.
+            free = shutil.disk_usage(Path(self.engine.url.database).resolve().parent).free
+            if free < MIN_FREE_BYTES:
+                raise PKIError(ErrorKind.UNAVAILABLE, "database disk full")
 
     def has_schema(self) -> bool:
         return inspect(self.engine).has_table("certificates")
@@ -173,10 +221,13 @@ def session_scope(db: Database) -> Iterator[Session]:
     """Runs a block in one transaction: commit on success, roll back on any error."""
     session = db.session()
     try:
-        yield session
-        session.commit()
+        with _domain_errors():
+            yield session
+            session.commit()
     except BaseException:
-        session.rollback()
+        # Rolling back over a lost connection only invalidates it; the first error counts.
+        with contextlib.suppress(DBAPIError):
+            session.rollback()
         raise
     finally:
         session.close()

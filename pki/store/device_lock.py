@@ -31,7 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from pki.errors import conflict
-from pki.store.db import Database
+from pki.store.db import Database, session_scope, sqlite_path
 from pki.store.models import Device
 
 # classid of the two-key advisory lock form: device enrollment locks.
@@ -95,10 +95,8 @@ _FILE_LOCKS = _FileLocks()
 
 
 def _lock_path(db: Database) -> str | None:
-    database = db.engine.url.database
-    if not database or database == ":memory:":
-        return None
-    return f"{database}.locks"
+    path = sqlite_path(db.url)
+    return None if path is None else f"{path}.locks"
 
 
 @contextlib.contextmanager
@@ -109,19 +107,11 @@ def device_lock(db: Database, device_id: str) -> Iterator[Session]:
     transaction only when first used, so use it only after the pending row is committed.
     """
     if db.is_sqlite:
-        with _FILE_LOCKS.hold(_lock_path(db), device_id):
-            session = db.session()
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
-            finally:
-                session.close()
+        with _FILE_LOCKS.hold(_lock_path(db), device_id), session_scope(db) as session:
+            yield session
         return
-    session = db.session()
-    try:
+    # session_scope: a lost connection is the `unavailable` error, like every transaction's.
+    with session_scope(db) as session:
         got = session.execute(
             select(func.pg_try_advisory_xact_lock(_ADVISORY_CLASS, _key(device_id)))
         ).scalar_one()
@@ -137,9 +127,3 @@ def device_lock(db: Database, device_id: str) -> Iterator[Session]:
                 raise _busy(device_id) from None
             raise
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()

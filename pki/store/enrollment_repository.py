@@ -20,7 +20,7 @@ from pki.store.enrollment_models import (
     PendingApproval,
     SecretState,
 )
-from pki.store.models import Device, DeviceState, UTCDateTime
+from pki.store.models import CertificateRecord, CertificateStatus, Device, DeviceState, UTCDateTime
 
 
 def session_of(obj: object) -> Session:
@@ -111,6 +111,16 @@ class DeviceRepository:
         self.session.add(device)
         self.session.flush()
         return device
+
+    def ever_enrolled(self, device: Device) -> bool:
+        """Says whether a device left `registered` or was ever issued a certificate."""
+        if device.state is not DeviceState.REGISTERED:
+            return True
+        query = select(CertificateRecord.id).where(
+            CertificateRecord.device_id == device.id,
+            CertificateRecord.status != CertificateStatus.PENDING,
+        )
+        return self.session.execute(query.limit(1)).first() is not None
 
     def add_all(self, devices: Sequence[Device]) -> None:
         self.session.add_all(devices)

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import Select
 
 from pki.errors import ErrorKind, PKIError
@@ -98,18 +99,27 @@ class LeanQuery:
         )
         with self._lock:
             try:
-                cur = self._connection().cursor()
-                try:
-                    cur.execute(self._sql, bound)
-                    row = cur.fetchone()
-                finally:
-                    cur.close()
-            except self._errors as e:
+                row = self._fetch(bound)
+            except (self._errors, DBAPIError):
+                # A connection the server dropped (a restart, pg_terminate_backend, a
+                # failover) fails once, then a new one answers; a SELECT is safe to repeat.
                 self._drop()
-                raise PKIError(ErrorKind.UNAVAILABLE, "database unavailable") from e
+                try:
+                    row = self._fetch(bound)
+                except (self._errors, DBAPIError) as e:
+                    self._drop()
+                    raise PKIError(ErrorKind.UNAVAILABLE, "database unavailable") from e
         if row is None:
             return None
         return tuple(v if p is None else p(v) for v, p in zip(row, self._result, strict=True))
+
+    def _fetch(self, bound: Any) -> Any:
+        cur = self._connection().cursor()
+        try:
+            cur.execute(self._sql, bound)
+            return cur.fetchone()
+        finally:
+            cur.close()
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -200,6 +200,38 @@ class CertificateRepository:
             query = query.where(CertificateRecord.device_id.is_not(None))
         rows = self.session.execute(query.order_by(CertificateRecord.id))
         return [IssuedSummary(*row) for row in rows]
+
+    def issued_der_of_device(self, device_id: str) -> list[bytes]:
+        """Returns the DER of a device's issued (not revoked) certificates, newest first."""
+        rows = self.session.execute(
+            select(CertificateRecord.cert_der)
+            .where(
+                CertificateRecord.device_id == device_id,
+                CertificateRecord.status == CertificateStatus.ISSUED,
+            )
+            .order_by(CertificateRecord.id.desc())
+        )
+        return [der for (der,) in rows if der is not None]
+
+    def issuer_revocation(self, issuer_id: str, serial_hex: str) -> str | None:
+        """Returns the revocation reason of an issuer's own certificate, None while it stands.
+
+        One indexed lookup: the certificate is the one with the issuer's serial under its
+        parent (a root's under itself); an issuer whose certificate was never recorded here
+        (imported) stands."""
+        parent = (
+            select(func.coalesce(IssuerRecord.parent_id, IssuerRecord.id))
+            .where(IssuerRecord.id == issuer_id)
+            .scalar_subquery()
+        )
+        row = self.session.execute(
+            select(CertificateRecord.status, CertificateRecord.revocation_reason).where(
+                CertificateRecord.issuer_id == parent, CertificateRecord.serial_hex == serial_hex
+            )
+        ).first()
+        if row is None or row[0] is not CertificateStatus.REVOKED:
+            return None
+        return str(row[1] or "unspecified")
 
     def get(self, record_id: int) -> CertificateRecord:
         record = self.session.get(CertificateRecord, record_id)

@@ -4,7 +4,8 @@ Requests are paused after their pending record without any hook in the product: 
 holds the row lock of each device's one-time secret, which the request's issued
 transaction must take to spend it, and waits until PostgreSQL shows every request blocked
 on it. Then the fault: the worker is killed (SIGKILL), or the service's database
-connections are terminated. Every affected device must enroll on its first retry with the
+connections are terminated. A third fault needs no pause: the token's directory is moved
+away while devices enroll, and back. Every affected device must enroll on its first retry with the
 same secret, and the database must end with one issued certificate per device.
 """
 
@@ -14,6 +15,7 @@ import base64
 import concurrent.futures
 import dataclasses
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -174,14 +176,16 @@ def _retry_and_check(
     assert 500 not in first
     for device_id, serial in serials.items():
         # Same key: the stranded row itself was completed. Another key: a new serial.
-        assert (serial == stranded[device_id]) is (device_id != rekeyed)
+        if device_id in stranded:
+            assert (serial == stranded[device_id]) is (device_id != rekeyed)
     counts = front.rows(
         "SELECT device_id, status, count(*) FROM certificates WHERE device_id = ANY(:ids) "
         "GROUP BY device_id, status ORDER BY device_id, status",
         ids=list(secrets),
     )
     expected = [(d, "issued", 1) for d in sorted(secrets)]
-    expected.insert(expected.index((rekeyed, "issued", 1)), (rekeyed, "abandoned", 1))
+    if rekeyed in stranded:
+        expected.insert(expected.index((rekeyed, "issued", 1)), (rekeyed, "abandoned", 1))
     assert counts == expected
     assert front.rows("SELECT count(*) FROM certificates WHERE status = 'pending'") == [(0,)]
     used = front.rows(
@@ -210,5 +214,52 @@ def test_worker_killed_after_pending_record_devices_enroll_on_retry(front: Front
     # The killed worker's backends end once the lock they waited for is gone.
     gone = "SELECT pid FROM pg_stat_activity WHERE pid = ANY(:pids)"
     _wait_for(front, "backends of the killed worker still alive", gone, 0, pids=waiting)
+    _wait_healthz(front.ca, front.process, front.port, front.log_path, healthy=True)
+    _retry_and_check(front, secrets, bodies, first)
+
+
+def test_database_connections_terminated_mid_request_devices_enroll_on_retry(
+    front: Front,
+) -> None:
+    device_ids = [f"TERM-{i}" for i in range(DEVICES)]
+    secrets, bodies = _register(front, device_ids), _bodies(device_ids)
+    with front.engine.connect().execution_options(isolation_level="READ COMMITTED") as blocker:
+        blocker.begin()
+        pool, futures, blocker_pid = _paused_requests(front, secrets, bodies, blocker)
+        terminated = front.rows(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND backend_type = 'client backend' "
+            "AND pid <> pg_backend_pid() AND pid <> :blocker",
+            blocker=blocker_pid,
+        )
+        assert len(terminated) >= DEVICES
+        first = [f.result(timeout=DEADLINE) for f in futures]
+        pool.shutdown()
+        blocker.rollback()
+    # Each paused request was answered, as an outage: never a 500.
+    assert first == [503] * DEVICES
+    _retry_and_check(front, secrets, bodies, first)
+
+
+def _token_dir(ca: DevCA) -> Path:
+    conf = (ca.data_dir / "softhsm2.conf").read_text()
+    found = re.search(r"^directories\.tokendir\s*=\s*(.+)$", conf, re.MULTILINE)
+    assert found is not None, conf
+    return Path(found.group(1).strip())
+
+
+def test_token_away_and_back_devices_enroll_on_retry(front: Front, tmp_path: Path) -> None:
+    device_ids = [f"TOKEN-{i}" for i in range(DEVICES)]
+    secrets, bodies = _register(front, device_ids), _bodies(device_ids)
+    tokens, away = _token_dir(front.ca), tmp_path / "tokens-away"
+    shutil.move(tokens, away)
+    try:
+        first: list[object] = [
+            front.post(bodies[d], (d, secrets[d])).status_code for d in device_ids
+        ]
+    finally:
+        shutil.move(away, tokens)
+    assert first == [503] * DEVICES
+    # The front finds its token again by itself (no restart): /healthz signs with it.
     _wait_healthz(front.ca, front.process, front.port, front.log_path, healthy=True)
     _retry_and_check(front, secrets, bodies, first)

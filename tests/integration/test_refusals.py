@@ -5,18 +5,23 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
+import json
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from api.app_ca import create_ca_app
 from api.runtime import Runtime
+from api.tls import SSL_CLIENT_CERT, SSL_CLIENT_CERT_CHAIN
 from pki.clock import FixedClock
 from pki.refusal import RefusalRecorder
 from pki.store import AuditEvent, session_scope
 from tests.csrs import der, device_csr
 from tests.integration.conftest import DevCA
+from tests.integration.tls_pki import make_ca
 
 EST = "/.well-known/est"
 
@@ -66,17 +71,24 @@ class TestRefusalAudit:
         flood = 40
         codes = [front.enroll("FLOOD-1", f"wrong-{i}", "127.0.0.7") for i in range(flood)]
         assert codes == [401] * flood
+        # The first 5 failures are failed logins, the rest throttled (est.toml max_failures):
+        # one event per kind while the minute lasts ...
         first = front.refusals()
         assert [(e.action, e.target, e.actor) for e in first] == [
-            ("refused.login", "FLOOD-1", "client:127.0.0.7")
+            ("refused.login", "FLOOD-1", "client:127.0.0.7"),
+            ("refused.throttle", "FLOOD-1", "client:127.0.0.7"),
         ]
-        # The minute ends; its count is written as one more event.
+        # ... and when it ends, one more per kind with its count.
         front.clock.advance(datetime.timedelta(minutes=1))
-        assert RefusalRecorder(front.runtime.db, front.clock).flush() == 1
-        events = front.refusals()
-        assert [e.action for e in events] == ["refused.login", "refused.login.repeated"]
-        assert f'"count":{flood}' in events[1].details
-        assert '"source":"127.0.0.7"' in events[1].details
+        assert RefusalRecorder(front.runtime.db, front.clock).flush() == 2
+        repeated = front.refusals()[2:]
+        assert sorted(e.action for e in repeated) == [
+            "refused.login.repeated",
+            "refused.throttle.repeated",
+        ]
+        counts = [json.loads(e.details)["count"] for e in repeated]
+        assert sum(counts) == flood and all(c > 1 for c in counts)
+        assert all(json.loads(e.details)["source"] == "127.0.0.7" for e in repeated)
         dev_ca.pki("audit", "checkpoint")
         verified = dev_ca.pki("audit", "verify")
         assert "audit log intact" in verified.stdout
@@ -98,3 +110,31 @@ class TestRefusalAudit:
         (event,) = front.refusals()
         assert (event.action, event.target) == ("refused.identity", "MINE-1")
         assert secret not in event.details
+
+    def test_refusal_reenroll_with_a_foreign_certificate_is_audited(
+        self, front: Front, tmp_path: Path
+    ) -> None:
+        # A certificate this CA never issued, named STRANGER-1.
+        made = make_ca(tmp_path, "stranger", "STRANGER-1", ca=False)
+        stranger = made.cert.public_bytes(serialization.Encoding.DER)
+        r = front.client.post(
+            f"{EST}/simplereenroll",
+            data=base64.encodebytes(der(device_csr("STRANGER-1")[0])),
+            headers={"Content-Type": "application/pkcs10"},
+            environ_base={
+                "REMOTE_ADDR": "127.0.0.11",
+                SSL_CLIENT_CERT: stranger,
+                SSL_CLIENT_CERT_CHAIN: [stranger],
+            },
+        )
+        assert r.status_code in (401, 403)
+        (event,) = front.refusals()
+        assert (event.action, event.target) == ("refused.reenroll", "STRANGER-1")
+        assert event.actor == "client:127.0.0.11"
+
+    def test_refusal_throttled_login_is_its_own_kind(self, front: Front, dev_ca: DevCA) -> None:
+        dev_ca.pki("device", "add", "THROTTLE-1")
+        codes = [front.enroll("THROTTLE-1", "wrong", "127.0.0.12") for _ in range(12)]
+        assert codes == [401] * 12
+        kinds = {e.action for e in front.refusals()}
+        assert kinds == {"refused.login", "refused.throttle"}

@@ -23,7 +23,7 @@ def test_revoked_signer_is_replaced_on_the_next_request(dev_ca_any: DevCA, tmp_p
             assert responder_serial(ocsp_ask(va, cert, issuer, nonce=False)) == old.serial_number
         assert responder_serial(ocsp_ask(va, devices[0], issuer, nonce=True)) == old.serial_number
 
-        ca.pki("revoke", format(old.serial_number, "x"), "--reason", "keyCompromise")
+        ca.pki("revoke", format(old.serial_number, "x"), "--reason", "keyCompromise", "--ca")
         renewed = ca.pki("ocsp", "renew-signers")
         assert "new OCSP signer" in renewed.stdout, renewed.stdout
         new = x509.load_pem_x509_certificate(ca.cert("devices-ocsp.pem").read_bytes())
