@@ -281,7 +281,9 @@ class TestEnroll:
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:
         first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
-        again = service.devices.new_secret("DEV-1", actor="t").secret
+        again = service.devices.new_secret(
+            "DEV-1", actor="t", may_redraw=True, reason="test"
+        ).secret
         second = _enroll(service, "DEV-1", again)
         assert _status(hierarchy.db, first.serial_hex) == (CertificateStatus.REVOKED, "superseded")
         assert _status(hierarchy.db, second.serial_hex) == (CertificateStatus.ISSUED, None)
@@ -292,7 +294,11 @@ class TestEnroll:
     ) -> None:
         service = make_service(supersede_grace_seconds=3600)
         first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
-        _enroll(service, "DEV-1", service.devices.new_secret("DEV-1", actor="t").secret)
+        _enroll(
+            service,
+            "DEV-1",
+            service.devices.new_secret("DEV-1", actor="t", may_redraw=True, reason="test").secret,
+        )
         assert _status(hierarchy.db, first.serial_hex)[0] is CertificateStatus.ISSUED
         later = make_service(
             FixedClock(datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=2)),
@@ -532,7 +538,9 @@ class TestServerKeyGen:
     def test_serverkeygen_encrypts_to_tls_client_key(self, service: EnrollmentService) -> None:
         first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
         ski = first.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
-        secret = service.devices.new_secret("DEV-1", actor="t").secret
+        secret = service.devices.new_secret(
+            "DEV-1", actor="t", may_redraw=True, reason="test"
+        ).secret
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
             x509.CertificateSigningRequestBuilder()

@@ -268,7 +268,9 @@ class TestDecommission:
     ) -> None:
         service = _service(hierarchy, supersede_grace_seconds=3600)
         first = _enroll(service, der(device_csr("DEV-1")[0]), "DEV-1", _register(service, "DEV-1"))
-        again = service.devices.new_secret("DEV-1", actor="t").secret
+        again = service.devices.new_secret(
+            "DEV-1", actor="t", may_redraw=True, reason="test"
+        ).secret
         second = _enroll(service, der(device_csr("DEV-1")[0]), "DEV-1", again)
         # Two active certificates (the first within its supersede grace), one of them on hold.
         service.revocation.revoke(first.serial_hex, x509.ReasonFlags.certificate_hold, actor="t")
