@@ -54,7 +54,7 @@ class RuntimeIssuers:
 
     def ping_token(self) -> None:
         with self.lock:
-            self.runtime.token.ping()
+            self.runtime.ping_tokens("ca")
 
 
 def device_service(runtime: Runtime, est: ESTConfig) -> DeviceService:
@@ -168,4 +168,4 @@ def _warm(issuers: RuntimeIssuers, issuer_ids: list[str]) -> None:
 
 def app_from_environ() -> Flask:
     """Builds the app from PKI_CONFIG_DIR and PKI_DATA_DIR; gunicorn calls it in each worker."""
-    return create_ca_app(Runtime.open(), warm=True)
+    return create_ca_app(Runtime.open().use_process("ca"), warm=True)

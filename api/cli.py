@@ -17,11 +17,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import hsm
-from api import cli_audit, cli_broker, cli_enroll, cli_factory, cli_revoke, cli_scheduler
+from api import (
+    cli_audit,
+    cli_broker,
+    cli_enroll,
+    cli_factory,
+    cli_offline,
+    cli_revoke,
+    cli_scheduler,
+)
 from api.cli_actor import actor as _actor
 from api.escape import escape
 from api.runtime import Runtime
 from pki.ceremony import CeremonyService
+from pki.crl_publisher import CRLPublisher
 from pki.csr import (
     CertificateRequest,
     check_request,
@@ -33,9 +42,11 @@ from pki.csr import (
 )
 from pki.errors import ErrorKind, PKIError, bad_request
 from pki.issuer import IssuanceHook, Issued
+from pki.offline import intermediate_csr
 from pki.serial import parse_serial, serial_hex
 from pki.store import CertificateStatus, session_scope
 from pki.store.repository import CertificateRepository, IssuerRepository, certificate_summary
+from pki.store.revocation_models import CRLRepository
 
 EXIT_CODES = {
     ErrorKind.NOT_FOUND: 3,
@@ -133,10 +144,31 @@ def db_upgrade(ctx: click.Context) -> None:
 # --- ceremonies -----------------------------------------------------------------------
 
 
-def _generate(rt: Runtime, label: str, key_type: str, *, reuse: bool = False) -> Any:
+def require_current_schema(rt: Runtime) -> None:
+    """Refuses a ceremony before it makes a key when the database cannot record the result."""
+    if not rt.db.has_schema() or not rt.db.schema_is_current():
+        raise PKIError(
+            ErrorKind.CONFIG,
+            "the database schema is missing or not current: run 'pki db upgrade' first "
+            "(no key was generated)",
+        )
+
+
+def _generate(rt: Runtime, token: str, label: str, key_type: str, *, reuse: bool = False) -> Any:
+    require_current_schema(rt)
     if reuse:
-        return rt.reuse_or_generate_key(label, key_type, actor=_actor())
-    return rt.generate_key(label, key_type, actor=_actor())
+        return rt.reuse_or_generate_key(label, key_type, token=token, actor=_actor())
+    try:
+        return rt.generate_key(label, key_type, token=token, actor=_actor())
+    except hsm.HSMError as e:
+        if e.kind is hsm.HSMErrorKind.EXISTS:
+            # An interrupted ceremony left the key behind: reuse it knowingly, never a twin.
+            raise PKIError(
+                ErrorKind.CONFLICT,
+                f"{e}: an earlier ceremony stopped after making it; check the ceremony log "
+                "and run again with --resume to use that key",
+            ) from None
+        raise
 
 
 def _issuer_done(rt: Runtime, issuer_id: str) -> bool:
@@ -158,13 +190,15 @@ def _ceremony_root(rt: Runtime, path: Path, *, reuse: bool = False) -> None:
             ErrorKind.CONFIG,
             f"{path}: issuer {cer.issuer} has a parent; use 'pki ceremony intermediate'",
         )
-    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=reuse
+    )
     service = CeremonyService(rt.issuance())
     issuer = service.root(
         cer,
         rt.config.profile(cer.profile),
         key,
-        key_uri=rt.token.key_uri(cfg.key_label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
@@ -181,14 +215,16 @@ def _ceremony_intermediate(rt: Runtime, path: Path, *, reuse: bool = False) -> N
             f"ca.toml: issuers.{cer.issuer}.parent: an intermediate needs a parent",
         )
     parent = rt.issuer(cfg.parent)
-    key = _generate(rt, cfg.key_label, cer.key_type, reuse=reuse)
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=reuse
+    )
     service = CeremonyService(rt.issuance())
     issuer = service.intermediate(
         cer,
         rt.config.profile(cer.profile),
         key,
         parent,
-        key_uri=rt.token.key_uri(cfg.key_label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer.issuer_id}.pem"
@@ -207,12 +243,12 @@ def _ceremony_ocsp_signer(rt: Runtime, issuer_id: str, key_type: str) -> Issued:
     issuer = rt.issuer(issuer_id)
     # Each signer certificate gets a fresh key: a renewed responder never reuses a key.
     label = f"{cfg.ocsp_signer_key_label}-{rt.clock.now().strftime('%Y%m%d%H%M%S')}"
-    key = _generate(rt, label, key_type)
+    key = _generate(rt, rt.config.ca.signer_token(issuer_id), label, key_type)
     issued = CeremonyService(rt.issuance()).ocsp_signer(
         issuer,
         rt.config.profile("ocsp-signer"),
         key,
-        key_uri=rt.token.key_uri(label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
@@ -221,20 +257,48 @@ def _ceremony_ocsp_signer(rt: Runtime, issuer_id: str, key_type: str) -> Issued:
     return issued
 
 
+RESUME = click.option(
+    "--resume", is_flag=True, help="Reuse the key an interrupted ceremony left in the token."
+)
+
+
 @ceremony.command("root")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@RESUME
 @click.pass_context
-def ceremony_root(ctx: click.Context, config: Path) -> None:
+def ceremony_root(ctx: click.Context, config: Path, resume: bool) -> None:
     """Generate the root key in the token and self-sign the root certificate."""
-    _ceremony_root(_runtime(ctx), config)
+    _ceremony_root(_runtime(ctx), config, reuse=resume)
 
 
 @ceremony.command("intermediate")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--csr",
+    "csr_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a CSR for an offline root to sign (pki ceremony sign) instead of signing here.",
+)
+@RESUME
 @click.pass_context
-def ceremony_intermediate(ctx: click.Context, config: Path) -> None:
-    """Generate an intermediate key in the token and certify it with its parent."""
-    _ceremony_intermediate(_runtime(ctx), config)
+def ceremony_intermediate(
+    ctx: click.Context, config: Path, csr_out: Path | None, resume: bool
+) -> None:
+    """Generate an intermediate key in the token; certify it with its parent or write a CSR."""
+    rt = _runtime(ctx)
+    if csr_out is None:
+        _ceremony_intermediate(rt, config, reuse=resume)
+        return
+    cer = rt.config.ceremony(config)
+    cfg = rt.config.ca.issuers[cer.issuer]
+    key = _generate(
+        rt, rt.config.ca.issuer_token(cer.issuer), cfg.key_label, cer.key_type, reuse=resume
+    )
+    csr = intermediate_csr(cer, rt.config.profile(cer.profile), key)
+    csr_out.parent.mkdir(parents=True, exist_ok=True)
+    csr_out.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    click.echo(f"CSR for {cer.issuer} ({key.uri}) -> {csr_out}: carry it to the root")
 
 
 @ceremony.command("ocsp-signer")
@@ -261,6 +325,30 @@ def _private_dir(path: Path) -> None:
     # Never narrow a shared directory given by mistake (sticky: /tmp) or someone else's.
     if st.st_uid == os.geteuid() and not st.st_mode & stat.S_ISVTX:
         path.chmod(0o700)
+
+
+def init_dev_token(rt: Runtime, name: str) -> None:
+    """Initialises the SoftHSM token [tokens.NAME] with random PINs in the data directory."""
+    cfg = rt.config.ca.tokens.get(name)
+    if cfg is None:
+        raise PKIError(ErrorKind.NOT_FOUND, f"ca.toml: no token {name!r} in [tokens]")
+    if not cfg.softhsm_conf or not cfg.pin_file:
+        raise PKIError(
+            ErrorKind.CONFIG, f"ca.toml: tokens.{name}: a dev token needs softhsm_conf and pin_file"
+        )
+    pin_path = rt.path(cfg.pin_file)
+    so_path = pin_path.with_name(pin_path.stem.removesuffix("-user") + "-so.pin")
+    if not pin_path.exists():
+        _write_secret(pin_path, secrets.token_hex(16))
+        _write_secret(so_path, secrets.token_hex(16))
+    tok = hsm.init_softhsm_token(
+        rt.path(cfg.softhsm_conf).parent,
+        rt.token_label(name),
+        so_pin=so_path.read_text().strip(),
+        user_pin=pin_path.read_text().strip(),
+        module_path=cfg.module,
+    )
+    click.echo(f"SoftHSM token {tok.label!r} ({name}) in {tok.token_dir}")
 
 
 def _write_secret(path: Path, value: str) -> None:
@@ -333,23 +421,11 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     if (dev_dir / "certs" / "chain.pem").exists():
         click.echo(f"{dev_dir} is already initialised")
         return
-    cfg = rt.config.ca.hsm
-    if not cfg.softhsm_conf or not cfg.pin_file:
-        raise PKIError(ErrorKind.CONFIG, "ca.toml: hsm: --dev needs softhsm_conf and pin_file")
     _private_dir(dev_dir)
-    pin_path = rt.path(cfg.pin_file)
-    so_path = pin_path.with_name("hsm-so.pin")
-    if not pin_path.exists():
-        _write_secret(pin_path, secrets.token_hex(16))
-        _write_secret(so_path, secrets.token_hex(16))
-    tok = hsm.init_softhsm_token(
-        rt.path(cfg.softhsm_conf).parent,
-        cfg.token,
-        so_pin=so_path.read_text().strip(),
-        user_pin=pin_path.read_text().strip(),
-        module_path=cfg.module,
-    )
-    click.echo(f"SoftHSM token {tok.label!r} in {tok.token_dir}")
+    # One SoftHSM token per [tokens] entry (root, issuing CA, VA), each with its own random
+    # user and SO PINs.
+    for name in rt.config.ca.tokens:
+        init_dev_token(rt, name)
     rt.db.upgrade()
     roots = [i for i, c in rt.config.ca.issuers.items() if c.parent is None]
     ceremonies = rt.config.directory / "ceremonies"
@@ -363,6 +439,8 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     for issuer_id, c in rt.config.ca.issuers.items():
         if c.ocsp_signer_key_label and not (dev_dir / "certs" / f"{issuer_id}-ocsp.pem").exists():
             _ceremony_ocsp_signer(rt, issuer_id, "ec-p256")
+    for issuer_id in roots:
+        _first_root_crl(rt, issuer_id)
     if not rt.path(rt.config.ca.audit.certificate).exists():
         cli_audit.audit_signer(rt)
     if not (dev_dir / "tls" / "server.pem").exists():
@@ -372,6 +450,19 @@ def init(ctx: click.Context, dev_dir: Path) -> None:
     _write_pem(dev_dir / "certs" / "chain.pem", chain)
     cli_audit.checkpoint(rt)
     click.echo(f"demo hierarchy ready in {dev_dir}")
+
+
+def _first_root_crl(rt: Runtime, issuer_id: str) -> None:
+    """Signs the root's first CRL while the root's token is open; later ones come by ceremony."""
+    # The servers and the scheduler never open the root's token ([processes]); its CRL is
+    # renewed in a root ceremony and imported (docs/ceremony.md).
+    with session_scope(rt.db) as session:
+        if CRLRepository(session).highest_number(issuer_id):
+            return
+    published = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, rt.crl_config()).publish(
+        rt.issuer(issuer_id), delta=False
+    )
+    click.echo(f"{issuer_id}: CRL number {published.crl_number}")
 
 
 def _chain_order(rt: Runtime) -> list[str]:
@@ -503,19 +594,34 @@ def issuer_list(ctx: click.Context) -> None:
 
 @main.group("key")
 def key_group() -> None:
-    """Inspect keys in the token."""
+    """Inspect keys in the tokens."""
+
+
+def _token_holding(rt: Runtime, label: str, names: list[str]) -> hsm.Token:
+    for name in names:
+        token = rt.token_named(name)
+        try:
+            token.load_key(label)
+        except hsm.HSMError as e:
+            if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
+                raise
+            continue
+        return token
+    raise PKIError(ErrorKind.NOT_FOUND, f"no key {label!r} in token(s) {', '.join(names)}")
 
 
 @key_group.command("show")
 @click.argument("label")
+@click.option("--token", "token_name", default=None, help="Token name in ca.toml [tokens].")
 @click.pass_context
-def key_show(ctx: click.Context, label: str) -> None:
+def key_show(ctx: click.Context, label: str, token_name: str | None) -> None:
     """Show a key's URI and protection attributes, and whether its private value can be read."""
     rt = _runtime(ctx)
-    info: dict[str, Any] = {"label": label, "uri": rt.token.key_uri(label)}
-    info.update(rt.token.key_attributes(label))
+    token = _token_holding(rt, label, [token_name] if token_name else list(rt.config.ca.tokens))
+    info: dict[str, Any] = {"label": label, "uri": token.key_uri(label)}
+    info.update(token.key_attributes(label))
     try:
-        rt.token.read_private_value(label)
+        token.read_private_value(label)
         info["private_value_readable"] = True
     except hsm.HSMError as e:
         info["private_value_readable"] = False
@@ -529,6 +635,7 @@ cli_revoke.register(main)
 cli_broker.register(main)
 cli_factory.register(main)
 cli_scheduler.register(main)
+cli_offline.register(main, ceremony, issuer_group, init_dev_token)
 
 if __name__ == "__main__":
     main()

@@ -57,13 +57,15 @@ def _public_key(path: Path) -> audit_checkpoint.AuditPublicKey:
 def audit_signer(rt: Runtime) -> None:
     """Generates the audit key in the token (or reuses it) and certifies it."""
     cfg = rt.config.ca.audit
-    key = rt.reuse_or_generate_key(cfg.key_label, cfg.key_type, actor=_actor())
+    key = rt.reuse_or_generate_key(
+        cfg.key_label, cfg.key_type, token=rt.config.ca.audit_token(), actor=_actor()
+    )
     issuer = rt.issuer(rt.issuer_for_profile("audit"))
     issued = CeremonyService(rt.issuance()).audit_signer(
         issuer,
         rt.config.profile("audit"),
         key,
-        key_uri=rt.token.key_uri(cfg.key_label),
+        key_uri=key.uri,
         actor=_actor(),
     )
     out = rt.path(cfg.certificate)
@@ -85,7 +87,7 @@ def checkpoint(rt: Runtime, *, if_due: bool = False) -> None:
         ):
             return
         # The key is opened only when a checkpoint is due: most rounds need no token.
-        signed = audit_checkpoint.write(session, rt.token.load_key(cfg.key_label), now)
+        signed = audit_checkpoint.write(session, rt.audit_token().load_key(cfg.key_label), now)
     click.echo(f"audit checkpoint at event {signed.seq} ({signed.event_hash[:16]}...)")
 
 

@@ -296,7 +296,7 @@ def serve_ca(
     keyfile: Path | None,
 ) -> None:
     """Run the CA front (EST, admin API, /healthz) under gunicorn over HTTPS."""
-    rt = _runtime(ctx)
+    rt = _runtime(ctx).use_process("ca")
     est = _est(rt)
     cert = certfile or rt.path(est.tls_certfile)
     key = keyfile or rt.path(est.tls_keyfile)

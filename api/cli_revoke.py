@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import os
@@ -21,6 +22,7 @@ from pki.crl_publisher import PERIOD_ELAPSED, CRLPublisher
 from pki.errors import ErrorKind, PKIError
 from pki.jobs import BUSY, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
+from pki.offline import stored_ocsp_responses
 from pki.refusal import RefusalKind, RefusalRecorder
 from pki.revocation import RevocationService, parse_reason
 from pki.serial import parse_serial, serial_hex
@@ -60,9 +62,7 @@ def _is_root(rt: Runtime, issuer_id: str) -> bool:
 
 
 def _presigner(rt: Runtime) -> OCSPPresigner:
-    return OCSPPresigner(
-        rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.token.load_key), rt.ocsp_config()
-    )
+    return OCSPPresigner(rt.db, rt.clock, SignerSet(rt.db, rt.clock, rt.load_key), rt.ocsp_config())
 
 
 def revocation_service(rt: Runtime, *, resign: bool = True) -> RevocationService:
@@ -211,6 +211,13 @@ def register(group: click.Group) -> None:
         type=click.IntRange(0, 86400),
         help="With --if-due: seconds to wait after a revocation, to publish a burst at once.",
     )
+    @click.option(
+        "--next-update",
+        "next_update_days",
+        default=None,
+        type=click.IntRange(1, 366),
+        help="Days until nextUpdate (default: ca.toml); an offline root publishes for long.",
+    )
     @click.pass_context
     def crl_publish(
         ctx: click.Context,
@@ -221,6 +228,7 @@ def register(group: click.Group) -> None:
         if_due: bool,
         period_minutes: int,
         delay_seconds: int,
+        next_update_days: int | None = None,
     ) -> None:
         """Sign and store the next CRL of each issuer with the issuer's key."""
         rt = _runtime(ctx)
@@ -230,6 +238,11 @@ def register(group: click.Group) -> None:
         else:
             targets = list(issuer_ids) or [i for i, c in issuers.items() if c.parent is not None]
         config = rt.crl_config()
+        if next_update_days is not None:
+            # An offline root publishes rarely, so its CRL says so in nextUpdate.
+            config = dataclasses.replace(
+                config, full_validity=datetime.timedelta(days=next_update_days)
+            )
         publisher = CRLPublisher(rt.db, rt.clock, rt.config.ca.urls, config)
         jobs = Jobs(rt.db, rt.clock)
         when_due = (
@@ -292,11 +305,25 @@ def register(group: click.Group) -> None:
 
     @ocsp.command("presign")
     @click.option("--issuer", "issuer_id", default=None, help="Only this issuer.")
+    @click.option(
+        "--out",
+        "out_dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        default=None,
+        help="With --issuer: also write its stored responses here (SERIAL.ocsp), to carry.",
+    )
     @click.pass_context
-    def ocsp_presign(ctx: click.Context, issuer_id: str | None) -> None:
+    def ocsp_presign(ctx: click.Context, issuer_id: str | None, out_dir: Path | None) -> None:
         """Sign a response for every issued, unexpired certificate that lacks a fresh one."""
         rt = _runtime(ctx)
+        if out_dir is not None and issuer_id is None:
+            raise click.UsageError("--out needs --issuer")
         result = Jobs(rt.db, rt.clock).presign(_presigner(rt), issuer_id)
+        if out_dir is not None and issuer_id is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for serial, der in stored_ocsp_responses(rt.db, issuer_id):
+                (out_dir / f"{serial}.ocsp").write_bytes(der)
+                click.echo(f"{issuer_id}/{serial} -> {out_dir / f'{serial}.ocsp'}")
         for iid, count in sorted(result.signed.items()):
             click.echo(f"{iid}: {count} responses signed")
         for iid, why in sorted(result.skipped.items()):
@@ -337,6 +364,10 @@ def register(group: click.Group) -> None:
         ]
         jobs = Jobs(rt.db, rt.clock)
         for issuer_id in targets:
+            if not issuer_ids and not rt.may_open(rt.config.ca.issuer_token(issuer_id)):
+                # An offline issuer (the root) certifies its signers in a root ceremony.
+                click.echo(f"{issuer_id}: its token is offline here, not renewed")
+                continue
             cfg = rt.config.ca.issuers.get(issuer_id)
             if cfg is None or not cfg.ocsp_signer_key_label:
                 raise PKIError(
@@ -355,10 +386,11 @@ def register(group: click.Group) -> None:
                     click.echo(f"{issuer_id}: signer valid until {not_after.isoformat()}, not due")
                     continue
                 label = f"{cfg.ocsp_signer_key_label}-{now.strftime('%Y%m%d%H%M%S')}"
-                key = rt.generate_key(label, key_type, actor=_actor())
+                token = rt.config.ca.signer_token(issuer_id)
+                key = rt.generate_key(label, key_type, token=token, actor=_actor())
                 issuer = rt.issuer(issuer_id)
                 issued = CeremonyService(rt.issuance()).ocsp_signer(
-                    issuer, profile, key, key_uri=rt.token.key_uri(label), actor=_actor()
+                    issuer, profile, key, key_uri=key.uri, actor=_actor()
                 )
             out = rt.data_dir / "certs" / f"{issuer_id}-ocsp.pem"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -411,7 +443,7 @@ def register(group: click.Group) -> None:
     @click.pass_context
     def serve_va(ctx: click.Context, bind: str, workers: int, timeout: int) -> None:
         """Run the validation authority (OCSP, CRLs, CA certificates) under gunicorn."""
-        rt = _runtime(ctx)
+        rt = _runtime(ctx).use_process("va")
         if not rt.db.has_schema():
             raise PKIError(ErrorKind.CONFIG, "the database has no schema: run 'pki db upgrade'")
         env = dict(os.environ)

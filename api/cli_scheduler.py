@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from api.cli_revoke import _runtime
+
 
 def _run(ctx: click.Context, group: click.Group, path: list[str], **params: Any) -> None:
     command: click.Command | None = group
@@ -92,6 +94,8 @@ def register(group: click.Group) -> None:
         revocation_delay: int,
     ) -> None:
         """Run the publishing jobs every INTERVAL seconds."""
+        # The scheduler opens the issuing CA's and the signers' tokens, never an offline root.
+        _runtime(ctx).use_process("scheduler")
         done = 0
         while True:
             started = time.monotonic()

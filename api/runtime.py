@@ -62,8 +62,12 @@ class Runtime:
     environ: Mapping[str, str]
     clock: Clock = dataclasses.field(default_factory=SystemClock)
     _db: Database | None = None
-    _token: hsm.Token | None = None
+    _tokens: dict[str, hsm.Token] = dataclasses.field(default_factory=dict)
     _issuers: dict[str, Issuer] = dataclasses.field(default_factory=dict)
+    # The long-running process this runtime serves ("ca", "va", "scheduler"), and the tokens
+    # it may open; None: a command-line ceremony or tool, which may open any.
+    process: str | None = None
+    _allowed: frozenset[str] | None = None
 
     @classmethod
     def open(
@@ -92,26 +96,85 @@ class Runtime:
             self._db = Database(self.database_url)
         return self._db
 
-    @property
-    def token(self) -> hsm.Token:
-        if self._token is None:
-            cfg = self.config.ca.hsm
+    def use_process(self, process: str) -> Runtime:
+        """Limits this runtime to the tokens `process` needs; refuses a list naming others."""
+        self._allowed = frozenset(self.config.ca.process_tokens(process))
+        self.process = process
+        return self
+
+    def may_open(self, name: str) -> bool:
+        """Tells whether this process may open the token `name`."""
+        return self._allowed is None or name in self._allowed
+
+    def token_named(self, name: str) -> hsm.Token:
+        """Returns the token configured as [tokens.NAME], opened lazily, if this process may."""
+        cfg = self.config.ca.tokens.get(name)
+        if cfg is None:
+            raise config_error(f"ca.toml: no token {name!r} in [tokens]")
+        if not self.may_open(name):
+            raise config_error(
+                f"this process ({self.process}) does not open token {name!r} "
+                f"(ca.toml processes.{self.process})"
+            )
+        token = self._tokens.get(name)
+        if token is None:
             pin = hsm.read_pin(
                 pin_file=self.path(cfg.pin_file) if cfg.pin_file else None,
                 pin_env=cfg.pin_env,
                 environ=self.environ,
             )
-            self._token = hsm.Token(
+            token = hsm.Token(
                 cfg.module,
-                cfg.token,
+                self.token_label(name),
                 pin,
                 softhsm_conf=str(self.path(cfg.softhsm_conf)) if cfg.softhsm_conf else None,
             )
-        return self._token
+            self._tokens[name] = token
+        return token
 
-    def generate_key(self, label: str, key_type: str, *, actor: str) -> hsm.HSMPrivateKey:
-        """Generates a key inside the token and writes the key generation to the audit log."""
-        key = self.token.generate_key(label, key_type)
+    def token_label(self, name: str) -> str:
+        """Returns the PKCS#11 label of the token configured as [tokens.NAME]."""
+        cfg = self.config.ca.tokens[name]
+        if cfg.token is not None:
+            return cfg.token
+        label = hsm.PKCS11URI.parse(cfg.uri or "").token
+        if label is None:
+            raise config_error(f"ca.toml: tokens.{name}.uri: the URI names no token (token=...)")
+        return label
+
+    def issuer_token(self, issuer_id: str) -> hsm.Token:
+        """Returns the token that holds an issuer's key."""
+        return self.token_named(self.config.ca.issuer_token(issuer_id))
+
+    def signer_token(self, issuer_id: str) -> hsm.Token:
+        """Returns the token that holds an issuer's OCSP-signer keys."""
+        return self.token_named(self.config.ca.signer_token(issuer_id))
+
+    def audit_token(self) -> hsm.Token:
+        """Returns the token that holds the audit key."""
+        return self.token_named(self.config.ca.audit_token())
+
+    def load_key(self, uri: str) -> hsm.HSMPrivateKey:
+        """Loads a key named by its pkcs11: URI from the configured token the URI names."""
+        label = hsm.PKCS11URI.parse(uri).token if uri[:7].lower() == "pkcs11:" else None
+        for name in self.config.ca.tokens:
+            if label is not None and self.token_label(name) == label:
+                return self.token_named(name).load_key(uri)
+        raise config_error(f"key {uri!r} is in no token of ca.toml [tokens]")
+
+    def ping_tokens(self, process: str) -> None:
+        """Checks every token that `process` opens."""
+        names = (
+            self._allowed if self._allowed is not None else self.config.ca.tokens_needed(process)[0]
+        )
+        for name in sorted(names):
+            self.token_named(name).ping()
+
+    def generate_key(
+        self, label: str, key_type: str, *, token: str, actor: str
+    ) -> hsm.HSMPrivateKey:
+        """Generates a key inside a token and writes the key generation to the audit log."""
+        key = self.token_named(token).generate_key(label, key_type)
         with session_scope(self.db) as session:
             audit.append(
                 session,
@@ -119,20 +182,22 @@ class Runtime:
                 actor=actor,
                 action="key.generated",
                 target=key.uri,
-                details={"label": label, "key_type": key_type, "token": self.config.ca.hsm.token},
+                details={"label": label, "key_type": key_type, "token": self.token_label(token)},
             )
         return key
 
-    def reuse_or_generate_key(self, label: str, key_type: str, *, actor: str) -> hsm.HSMPrivateKey:
+    def reuse_or_generate_key(
+        self, label: str, key_type: str, *, token: str, actor: str
+    ) -> hsm.HSMPrivateKey:
         """Returns the token's key `label`, generating it only if the token has none."""
         # A ceremony that stopped after making a key but before certifying it picks the key
         # up again instead of making a second one.
         try:
-            return self.token.load_key(label)
+            return self.token_named(token).load_key(label)
         except hsm.HSMError as e:
             if e.kind is not hsm.HSMErrorKind.NOT_FOUND:
                 raise
-        return self.generate_key(label, key_type, actor=actor)
+        return self.generate_key(label, key_type, token=token, actor=actor)
 
     def ocsp_config(self) -> OCSPResponderConfig:
         """Returns the OCSP windows from ca.toml [revocation]."""
@@ -168,7 +233,7 @@ class Runtime:
             cert_der = record.cert_der
         if cert_der is None:
             raise config_error(f"issuer {issuer_id} has no certificate yet: finish its ceremony")
-        key = self.token.load_key(cfg.key_label)
+        key = self.issuer_token(issuer_id).load_key(cfg.key_label)
         issuer = Issuer(
             issuer_id, x509.load_der_x509_certificate(cert_der), key, profiles=tuple(cfg.issues)
         )
@@ -178,12 +243,22 @@ class Runtime:
     def online_issuer(self, issuer_id: str) -> Issuer | None:
         """Opens an issuer whose key is in this process's token; None when it is not there
         (an offline root, whose CRL is signed in a ceremony and imported)."""
+        if not self.may_open(self.config.ca.issuer_token(issuer_id)):
+            return None
         try:
             return self.issuer(issuer_id)
         except hsm.HSMError as e:
             if e.kind is hsm.HSMErrorKind.NOT_FOUND:
                 return None
             raise
+
+    def issuer_certificate(self, issuer_id: str) -> x509.Certificate:
+        """Returns an issuer's certificate from the store, without opening its key."""
+        with session_scope(self.db) as session:
+            cert_der = IssuerRepository(session).get(issuer_id).cert_der
+        if cert_der is None:
+            raise config_error(f"issuer {issuer_id} has no certificate yet: finish its ceremony")
+        return x509.load_der_x509_certificate(cert_der)
 
     def issuer_for_profile(self, profile: str) -> str:
         """Names the first issuer in ca.toml that issues a profile."""
@@ -193,7 +268,7 @@ class Runtime:
         raise not_found(f"no issuer in ca.toml issues profile {profile!r}")
 
     def close(self) -> None:
-        if self._token is not None:
-            self._token.close()
+        for token in self._tokens.values():
+            token.close()
         if self._db is not None:
             self._db.dispose()

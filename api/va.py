@@ -1,7 +1,7 @@
 """The validation authority: OCSP (RFC 6960, RFC 5019), CRL and caIssuers downloads over HTTP.
 
 A separate process from the CA front (`pki serve va`). It opens only the OCSP-signer keys
-(through Runtime.token, lazily, after gunicorn forks) and never a CA key; CRLs are served as
+(through Runtime.load_key, lazily, after gunicorn forks) and never a CA key; CRLs are served as
 the stored DER that `pki crl publish` signed.
 """
 
@@ -65,7 +65,7 @@ class VA:
             if self._signers is None:
                 rt = self.runtime
                 # Only OCSP-signer keys, named by the pkcs11: URI of their certificates.
-                self._signers = SignerSet(rt.db, rt.clock, rt.token.load_key)
+                self._signers = SignerSet(rt.db, rt.clock, rt.load_key)
             return self._signers
 
     @property
@@ -288,5 +288,7 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
 def app_from_environment() -> Flask:
     """Builds the VA app from PKI_CONFIG_DIR and PKI_DATA_DIR, for `gunicorn 'api.va:...'`."""
     return create_va_app(
-        Runtime.open(os.environ.get("PKI_CONFIG_DIR"), os.environ.get("PKI_DATA_DIR"))
+        Runtime.open(os.environ.get("PKI_CONFIG_DIR"), os.environ.get("PKI_DATA_DIR")).use_process(
+            "va"
+        )
     )

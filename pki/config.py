@@ -42,20 +42,38 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class HSMConfig(_Strict):
-    """HSMConfig names the PKCS#11 module, the token and where its PIN comes from."""
+class TokenConfig(_Strict):
+    """TokenConfig names one PKCS#11 token: module, label (or RFC 7512 URI) and PIN source."""
 
     module: str = "/usr/lib/softhsm/libsofthsm2.so"
-    token: str
+    # The token's label, or an RFC 7512 URI that names it (pkcs11:token=...).
+    token: str | None = None
+    uri: str | None = None
     pin_file: str | None = None
     pin_env: str | None = None
     softhsm_conf: str | None = None
 
     @model_validator(mode="after")
-    def _one_pin_source(self) -> HSMConfig:
+    def _one_name_one_pin_source(self) -> TokenConfig:
+        if (self.token is None) == (self.uri is None):
+            raise ValueError("set exactly one of token and uri")
         if (self.pin_file is None) == (self.pin_env is None):
             raise ValueError("set exactly one of pin_file and pin_env")
         return self
+
+
+# One [hsm] section, the older form of a configuration with one token, still reads.
+HSMConfig = TokenConfig
+
+PROCESSES = ("ca", "va", "scheduler")
+
+
+class ProcessesConfig(_Strict):
+    """ProcessesConfig lists the tokens each long-running process may open ([processes])."""
+
+    ca: list[str] | None = None
+    va: list[str] | None = None
+    scheduler: list[str] | None = None
 
 
 class URLConfig(_Strict):
@@ -76,11 +94,14 @@ class URLConfig(_Strict):
 
 
 class IssuerConfig(_Strict):
-    """IssuerConfig is one CA of the hierarchy: its key in the token and its profile."""
+    """IssuerConfig is one CA of the hierarchy: its key, the tokens that hold it and its signer."""
 
     key_label: str
+    # Names in [tokens]; may be left out when there is one token.
+    token: str | None = None
     parent: str | None = None
     ocsp_signer_key_label: str | None = None
+    ocsp_signer_token: str | None = None
     issues: list[str] = Field(default_factory=list)  # profile names it may sign with
 
 
@@ -109,8 +130,9 @@ class RevocationConfig(_Strict):
 class AuditConfig(_Strict):
     """AuditConfig names the audit key and how often checkpoints are signed (ca.toml [audit])."""
 
-    # The key lives in the token under its own label and signs checkpoints only.
+    # The key lives in a token under its own label and signs checkpoints only.
     key_label: str = "audit"
+    token: str | None = None
     key_type: KeyType = "ec-p256"
     # The audit certificate: the verifier's trust anchor, relative to the data directory.
     certificate: str = "certs/audit.pem"
@@ -132,14 +154,24 @@ class DatabaseConfig(_Strict):
 
 
 class CAConfig(_Strict):
-    """CAConfig is ca.toml: token, database, URLs and the issuers."""
+    """CAConfig is ca.toml: tokens, database, URLs and the issuers."""
 
-    hsm: HSMConfig
+    tokens: dict[str, TokenConfig]
+    processes: ProcessesConfig = ProcessesConfig()
     database: DatabaseConfig = DatabaseConfig()
     urls: URLConfig = URLConfig()
     revocation: RevocationConfig = RevocationConfig()
     audit: AuditConfig = AuditConfig()
     issuers: dict[str, IssuerConfig]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_hsm(cls, data: object) -> object:
+        if isinstance(data, dict) and "hsm" in data:
+            if "tokens" in data:
+                raise ValueError("set [tokens.NAME] sections or one [hsm] section, not both")
+            data = {k: v for k, v in data.items() if k != "hsm"} | {"tokens": {"hsm": data["hsm"]}}
+        return data
 
     @field_validator("issuers")
     @classmethod
@@ -148,6 +180,90 @@ class CAConfig(_Strict):
             if issuer.parent is not None and issuer.parent not in v:
                 raise ValueError(f"issuer {name!r} names unknown parent {issuer.parent!r}")
         return v
+
+    @model_validator(mode="after")
+    def _tokens_known(self) -> CAConfig:
+        if not self.tokens:
+            raise ValueError("tokens: name at least one token")
+        # (where, token name, whether a name is needed when there are several tokens)
+        named: list[tuple[str, str | None, bool]] = [("audit.token", self.audit.token, True)]
+        for issuer_id, issuer in self.issuers.items():
+            named.append((f"issuers.{issuer_id}.token", issuer.token, True))
+            named.append(
+                (
+                    f"issuers.{issuer_id}.ocsp_signer_token",
+                    issuer.ocsp_signer_token,
+                    issuer.ocsp_signer_key_label is not None,
+                )
+            )
+        for process in PROCESSES:
+            for token in getattr(self.processes, process) or []:
+                named.append((f"processes.{process}", token, True))
+        for where, token, needed in named:
+            if token is None and needed and len(self.tokens) > 1:
+                raise ValueError(f"{where}: name one of the tokens {sorted(self.tokens)}")
+            if token is not None and token not in self.tokens:
+                raise ValueError(f"{where}: unknown token {token!r}")
+        return self
+
+    def token_of(self, name: str | None, what: str) -> str:
+        """Returns the token name a key setting names, or the only token when it names none."""
+        if name is not None:
+            return name
+        if len(self.tokens) == 1:
+            return next(iter(self.tokens))
+        raise config_error(f"ca.toml: {what}: name the token that holds the key")
+
+    def issuer_token(self, issuer_id: str) -> str:
+        """Returns the name of the token that holds an issuer's key."""
+        return self.token_of(self.issuers[issuer_id].token, f"issuers.{issuer_id}.token")
+
+    def signer_token(self, issuer_id: str) -> str:
+        """Returns the name of the token that holds an issuer's OCSP-signer keys."""
+        issuer = self.issuers[issuer_id]
+        return self.token_of(issuer.ocsp_signer_token, f"issuers.{issuer_id}.ocsp_signer_token")
+
+    def audit_token(self) -> str:
+        """Returns the name of the token that holds the audit key."""
+        return self.token_of(self.audit.token, "audit.token")
+
+    def tokens_needed(self, process: str) -> tuple[set[str], set[str]]:
+        """Returns the tokens a process needs, and those it may open besides (an online root)."""
+        issuing = {self.issuer_token(i) for i, c in self.issuers.items() if c.parent is not None}
+        signing = {self.signer_token(i) for i, c in self.issuers.items() if c.ocsp_signer_key_label}
+        roots = {self.issuer_token(i) for i, c in self.issuers.items() if c.parent is None}
+        if process == "ca":
+            return issuing, set()
+        if process == "va":
+            return signing, set()
+        if process == "scheduler":
+            needed = issuing | signing | {self.audit_token()}
+            return needed, roots - needed
+        raise ValueError(f"unknown process {process!r}")
+
+    def process_tokens(self, process: str) -> set[str]:
+        """Returns the tokens a process opens; refuses a list that names one it does not need."""
+        needed, optional = self.tokens_needed(process)
+        listed = getattr(self.processes, process)
+        if listed is None:
+            return needed
+        extra = sorted(set(listed) - needed - optional)
+        if extra:
+            raise config_error(
+                f"ca.toml: processes.{process}: token(s) {', '.join(extra)} hold no key that "
+                f"'pki {_COMMAND[process]}' uses; it opens only {', '.join(sorted(needed))}: "
+                "remove them from the list (and their PINs from this host)"
+            )
+        missing = sorted(needed - set(listed))
+        if missing:
+            raise config_error(
+                f"ca.toml: processes.{process}: 'pki {_COMMAND[process]}' needs token(s) "
+                f"{', '.join(missing)}"
+            )
+        return set(listed)
+
+
+_COMMAND = {"ca": "serve ca", "va": "serve va", "scheduler": "scheduler run"}
 
 
 class SubjectPolicy(_Strict):

@@ -117,8 +117,9 @@ class OCSPQuery:
     request: OCSPRequestInfo
     issuer_id: str
     matcher: IssuerMatcher
-    # None while the issuer's signer key cannot be used (the token is away): stored
-    # responses are still served, live signing answers tryLater.
+    # None while the issuer's signer key cannot be used (the token is away, or an offline
+    # root whose answers are pre-signed and imported): stored responses are still served,
+    # live signing answers tryLater.
     signer: OCSPSigner | None
     # For each CertID of the request: whether it names this issuer.
     owned: tuple[bool, ...]
@@ -333,6 +334,8 @@ class LiveSource:
         return signer
 
     def answer(self, query: OCSPQuery) -> OCSPAnswer | None:
+        # No signer key for this issuer here (an offline root): only what was pre-signed and
+        # imported can be served; RFC 6960 §2.3 "tryLater" for the rest.
         signer = self._signer(query)
         if signer is None:
             return error_answer(x509_ocsp.OCSPResponseStatus.TRY_LATER)

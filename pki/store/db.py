@@ -198,6 +198,16 @@ class Database:
     def has_schema(self) -> bool:
         return inspect(self.engine).has_table("certificates")
 
+    def schema_is_current(self) -> bool:
+        """Tells whether every migration that ships with the package has been applied."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        heads = set(ScriptDirectory.from_config(alembic_config(self.url)).get_heads())
+        with self.engine.connect() as conn:
+            applied = set(MigrationContext.configure(conn).get_current_heads())
+        return applied == heads
+
     def track_detached(self, holder: Closeable) -> None:
         """Has dispose() close a holder of a connection taken out of the pool."""
         self._detached.add(holder)

@@ -511,6 +511,15 @@ class OCSPResponseRepository:
         )
         self.session.execute(statement, rows)
 
+    def of_issuer(self, issuer_id: str) -> list[tuple[str, bytes]]:
+        """Returns every stored response of an issuer as (serial, DER)."""
+        rows = self.session.execute(
+            select(OCSPResponseRecord.serial_hex, OCSPResponseRecord.response_der).where(
+                OCSPResponseRecord.issuer_id == issuer_id
+            )
+        ).all()
+        return [(serial, bytes(der)) for serial, der in rows]
+
     def forget(self, certificate_id: int) -> None:
         """Removes a certificate's stored response (its status changed)."""
         self.forget_all([certificate_id])

@@ -202,7 +202,7 @@ class TestKeysStayInToken:
     def test_ca_key_cannot_be_destroyed_or_changed_with_user_pin(
         self, dev_ca: DevCA, object_type: str
     ) -> None:
-        token, pin_file = "pki-dev", "secrets/hsm-user.pin"
+        token, pin_file = "pki-root", "secrets/root-user.pin"
         destroyed = dev_ca.pkcs11_tool(
             token, pin_file, "--delete-object", "--type", object_type, "--label", "root-ca"
         )
@@ -213,7 +213,7 @@ class TestKeysStayInToken:
         assert changed.returncode != 0, changed.stdout
         listed = dev_ca.pkcs11_tool(token, pin_file, "--list-objects", "--type", object_type)
         assert listed.stdout.count("label:      root-ca\n") == 1
-        # The key is still whole: the CA still signs with it.
+        # The key is still whole: the root still signs with it.
         assert dev_ca.pki("ceremony", "ocsp-signer", "--issuer", "root").returncode == 0
 
     def test_no_key_material_outside_token_store(self, dev_ca: DevCA) -> None:

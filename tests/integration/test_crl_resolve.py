@@ -11,12 +11,13 @@ import requests
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
+from sqlalchemy import delete
 
 from api.cli import main
 from api.runtime import Runtime
 from pki import lint
 from pki.store import Database, session_scope
-from pki.store.revocation_models import CRLRepository
+from pki.store.revocation_models import CRLRecord, CRLRepository
 from tests.conftest import CONFIG_DIR
 from tests.integration.conftest import DevCA
 from tests.integration.test_va_support import VAServer, issue_device, run, serve_va
@@ -106,7 +107,9 @@ def test_one_scheduler_round_every_crl_resolves_and_checks_the_chain(
     ca.pki("revoke", on_full.serial_hex, "--reason", "keyCompromise")
     round_ = ca.pki("scheduler", "run", "--rounds", "1", "--revocation-delay", "0")
     assert "failed" not in round_.stderr, round_.stderr
-    assert "root: CRL number" in round_.stdout and "devices: CRL number" in round_.stdout
+    # The root's CRL was signed by pki init, where the root was online; the scheduler does
+    # not open the root's token (ca.toml [processes]) and renews only the devices CA's.
+    assert "root: not due" in round_.stdout and "devices: CRL number" in round_.stdout
     base = "http://127.0.0.1:8080/crl/"
     with serve_va(ca, tmp_path, workers=1) as va:
         crls = fetch_all(va, [good.certificate, *pem_chain(ca)])
@@ -170,6 +173,11 @@ def test_offline_root_is_left_to_import_without_failing_the_round(
 ) -> None:
     config = config_copy(tmp_path, ('key_label = "root-ca"', 'key_label = "root-ca-offline"'))
     ca = DevCA(dev_ca.data_dir, config, None)
+    # pki init signed the root's first CRL; without it the round finds the root's CRL due.
+    db = Database(ca.db_url())
+    with session_scope(db) as s:
+        s.execute(delete(CRLRecord).where(CRLRecord.issuer_id == "root"))
+    db.dispose()
     round_ = ca.pki("scheduler", "run", "--rounds", "1", "--revocation-delay", "0")
     assert "failed" not in round_.stderr, round_.stderr
     assert "root: CRL due (no CRL yet) but the issuer key is not in this token" in round_.stderr
@@ -184,9 +192,14 @@ def test_scheduler_renews_the_root_crl_before_its_next_update(
     dev_ca: DevCA, tmp_path: Path
 ) -> None:
     clock = MovableClock()
-    rt = Runtime.open(dev_ca.config_dir, dev_ca.data_dir, environ=dev_ca.env)
+    # Where the root is online, the scheduler may open its token ([processes] lists it).
+    config = config_copy(tmp_path, ('scheduler = ["ca", "va"]', 'scheduler = ["ca", "va", "root"]'))
+    rt = Runtime.open(config, dev_ca.data_dir, environ=dev_ca.env)
     rt.clock = clock
-    obj = {"config_dir": str(dev_ca.config_dir), "data_dir": str(dev_ca.data_dir), "runtime": rt}
+    obj = {"config_dir": str(config), "data_dir": str(dev_ca.data_dir), "runtime": rt}
+    # The first round signs the root's CRL at this clock's time, not pki init's.
+    with session_scope(rt.db) as s:
+        s.execute(delete(CRLRecord).where(CRLRecord.issuer_id == "root"))
     # A period longer than the validity: only the renewal fraction makes the CRL due.
     args = ["scheduler", "run", "--rounds", "1", "--crl-period", "43200"]
 

@@ -103,7 +103,7 @@ def closed_token(
     """A CA front whose token PIN is wrong: up, but degraded."""
     work = tmp_path_factory.mktemp("est-closed")
     ca = _copy_ca(_dev_ca_template, work, "")
-    (ca.data_dir / "secrets" / "hsm-user.pin").write_text("wrong-pin\n")
+    (ca.data_dir / "secrets" / "ca-user.pin").write_text("wrong-pin\n")
     process, port, _log = _start(ca, work, healthy=False)
     try:
         yield ca, f"https://127.0.0.1:{port}"

@@ -106,11 +106,21 @@ class TestCRLOverHTTP:
         assert indicator.value.crl_number == base_number.value.crl_number
 
     def test_root_crl_on_request(self, dev_ca: DevCA, va: VAServer, tmp_path: Path) -> None:
-        assert requests.get(f"{va.url}/crl/root.crl", timeout=10).status_code == 404
+        # pki init signs the root's first CRL; a root ceremony publishes the next on request.
+        first = requests.get(f"{va.url}/crl/root.crl", timeout=10)
+        assert first.status_code == 200
         dev_ca.pki("crl", "publish", "--issuer", "root")
         der = tmp_path / "root.der"
         fetch(va, "root.crl", der)
         crl = x509.load_der_x509_crl(der.read_bytes())
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        assert (
+            number
+            == x509.load_der_x509_crl(first.content)
+            .extensions.get_extension_for_class(x509.CRLNumber)
+            .value.crl_number
+            + 1
+        )
         root = x509.load_pem_x509_certificate(dev_ca.cert("root.pem").read_bytes())
         assert crl.issuer == root.subject
         assert crl.is_signature_valid(root.public_key())  # type: ignore[arg-type]
