@@ -66,6 +66,7 @@ def device_service(runtime: Runtime, est: ESTConfig) -> DeviceService:
         max_failures=est.max_failures,
         max_address_failures=est.max_address_failures,
         lockout=est.lockout,
+        revocation=RevocationService(runtime.db, runtime.clock),
     )
 
 

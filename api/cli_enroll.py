@@ -197,12 +197,15 @@ def device_list(
 @click.argument("device_id")
 @click.pass_context
 def device_decommission(ctx: click.Context, device_id: str) -> None:
-    """Retire a device: its secrets stop working and it cannot enroll again."""
+    """Retire a device: revoke its certificates (cessationOfOperation), erase its data."""
     from api.app_ca import device_service
 
     rt = _runtime(ctx)
-    device_service(rt, _est(rt)).decommission(device_id, actor=_actor())
+    done = device_service(rt, _est(rt)).decommission(device_id, actor=_actor())
     click.echo(f"device {device_id} decommissioned")
+    for serial in done.revoked:
+        click.echo(f"revoked {serial} (cessationOfOperation)")
+    click.echo("erased: " + (", ".join(done.erased) if done.erased else "nothing (already erased)"))
 
 
 # --- enrollment -----------------------------------------------------------------------
@@ -245,13 +248,16 @@ def enrollment_pending(ctx: click.Context) -> None:
 @enrollment.command("sweep")
 @click.pass_context
 def enrollment_sweep(ctx: click.Context) -> None:
-    """Revoke superseded certificates past the grace period; forget stale failed logins."""
+    """Revoke superseded certificates past their grace period; abandon stale pending rows;
+    forget stale failed logins."""
     from api.app_ca import enrollment_service
 
     rt = _runtime(ctx)
     service = enrollment_service(rt, _est(rt))
     revoked = service.sweep_superseded()
+    abandoned = service.sweep_pending()
     click.echo(f"{len(revoked)} superseded certificate(s) revoked")
+    click.echo(f"{len(abandoned)} stale pending certificate row(s) abandoned")
     pruned = service.devices.throttle.prune(rt.clock.now())
     click.echo(f"{pruned} stale failed-login counter(s) removed")
 

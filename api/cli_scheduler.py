@@ -4,9 +4,10 @@ Each round runs, per issuer (the root included), what is due: a full CRL with it
 (none yet, period elapsed, renewal before nextUpdate, or revocations older than the debounce
 delay), a delta CRL on its own schedule, OCSP-signer renewal (a third of the signer's
 validity before it ends) and OCSP pre-signing (responses past half their validity, and new
-certificates), and a signed checkpoint of the audit log (after N events or T seconds,
-ca.toml [audit]). A job that fails is reported and tried again next round; the scheduler
-itself keeps going.
+certificates), the enrollment sweep (superseded certificates past their grace period,
+pending rows past their age, est.toml) and a signed checkpoint of the audit log (after N
+events or T seconds, ca.toml [audit]). A job that fails is reported and tried again next
+round; the scheduler itself keeps going.
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def register(group: click.Group) -> None:
                 delay_seconds=revocation_delay,
             )
             _run(ctx, group, ["ocsp", "presign"], issuer_id=None)
+            _run(ctx, group, ["enrollment", "sweep"])
             _run(ctx, group, ["audit", "checkpoint"], if_due=True)
             done += 1
             if rounds and done >= rounds:

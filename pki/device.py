@@ -26,12 +26,15 @@ import io
 import secrets
 from collections.abc import Sequence
 
+from cryptography import x509
+
 from pki import binding as bindings
 from pki.clock import Clock
 from pki.csr import DEVICE_ID_RE
 from pki.errors import ErrorKind, PKIError, bad_request, conflict
 from pki.idevid import IDevID
-from pki.store import CertificateRecord, Database, Device, DeviceState, audit, session_scope
+from pki.revocation import RevocationService
+from pki.store import Database, Device, DeviceState, Session, audit, session_scope
 from pki.store.enrollment_models import (
     DeviceBinding,
     EnrollmentSecret,
@@ -39,13 +42,13 @@ from pki.store.enrollment_models import (
     SecretState,
 )
 from pki.store.enrollment_repository import (
+    ApprovalRepository,
     AuthFailureRepository,
     BindingRepository,
     DeviceRepository,
     FailureCount,
     SecretRepository,
     login_state,
-    session_of,
 )
 from pki.store.repository import CertificateRepository
 from pki.throttle import LoginThrottle
@@ -172,10 +175,15 @@ class ImportResult:
 
 @dataclasses.dataclass(frozen=True)
 class Authenticated:
-    """Authenticated is a device whose one-time secret verified; the secret is not yet spent."""
+    """Authenticated is a device whose one-time secret verified.
+
+    `spent` says the secret already bought a certificate: the request may only get that
+    certificate again (its answer was lost), never a new one.
+    """
 
     device_id: str
     secret_id: int
+    spent: bool = False
 
 
 def _info(
@@ -226,6 +234,43 @@ def _check_attr(name: str, value: str | None) -> str | None:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Decommissioned:
+    """Decommissioned says what retiring a device revoked and erased."""
+
+    device: DeviceInfo
+    revoked: tuple[str, ...]  # serials, lower-case hex
+    erased: tuple[str, ...]  # what the registry no longer holds, e.g. "model", "2 secrets"
+
+
+def _erase(session: Session, device: Device, now: datetime.datetime) -> tuple[str, ...]:
+    """Erases a device's registry data that the audit trail does not need; says what.
+
+    The device ID, its certificates and their revocations stay: the audit log, the CRLs and
+    OCSP refer to them. Pending rows are abandoned (never released, nothing to keep).
+    """
+    erased: list[str] = []
+    for field in ("model", "batch"):
+        if getattr(device, field) is not None:
+            setattr(device, field, None)
+            erased.append(field)
+    secrets_gone = SecretRepository(session).delete_of_device(device.id)
+    if secrets_gone:
+        erased.append(f"{secrets_gone} enrollment secret(s)")
+    if AuthFailureRepository(session).reset(device.id):
+        erased.append("failed-login records")
+    requests = ApprovalRepository(session).delete_of_device(device.id)
+    if requests:
+        erased.append(f"{requests} request(s) awaiting approval")
+    certs = CertificateRepository(session)
+    abandoned = sum(1 for r in certs.pending_of_device(device.id) if certs.abandon(r.id))
+    if abandoned:
+        erased.append(f"{abandoned} pending certificate request(s)")
+    if erased:
+        device.updated_at = now
+    return tuple(erased)
+
+
 class DeviceService:
     """DeviceService registers devices, issues their one-time secrets and checks them."""
 
@@ -238,7 +283,9 @@ class DeviceService:
         max_failures: int = 5,
         max_address_failures: int = 50,
         lockout: datetime.timedelta = datetime.timedelta(minutes=15),
+        revocation: RevocationService | None = None,
     ) -> None:
+        self.revocation = revocation
         self.db = db
         self.clock = clock
         self.secret_lifetime = secret_lifetime
@@ -432,19 +479,47 @@ class DeviceService:
             DeviceRepository(session).get(device_id)
             return CertificateRepository(session).issued_der_of_device(device_id)
 
-    def decommission(self, device_id: str, *, actor: str) -> DeviceInfo:
-        """Retires a device for good: its secrets stop working and it cannot enroll again."""
+    def decommission(self, device_id: str, *, actor: str) -> Decommissioned:
+        """Retires a device for good, in one transaction: revokes its active certificates
+        (cessationOfOperation), erases what the registry holds beyond the audit trail's
+        needs, and leaves it unable to enroll again."""
         now = self.clock.now()
         with session_scope(self.db) as session:
             device = DeviceRepository(session).get(device_id, for_update=True)
-            SecretRepository(session).replace_active(device_id)
-            if device.state is not DeviceState.DECOMMISSIONED:
+            revoked = []
+            if self.revocation is not None:
+                revoked = self.revocation.revoke_device_in(
+                    session, device_id, x509.ReasonFlags.cessation_of_operation, now
+                )
+            for r in revoked:
+                if r.changed:
+                    audit.append(
+                        session,
+                        at=now,
+                        actor=actor,
+                        action="certificate.revoked",
+                        target=f"{r.issuer_id}/{r.serial_hex}",
+                        details={"reason": r.reason.value},
+                    )
+            erased = _erase(session, device, now)
+            if device.state is not DeviceState.DECOMMISSIONED or revoked or erased:
                 device.state = DeviceState.DECOMMISSIONED
                 device.updated_at = now
                 audit.append(
-                    session, at=now, actor=actor, action="device.decommissioned", target=device_id
+                    session,
+                    at=now,
+                    actor=actor,
+                    action="device.decommissioned",
+                    target=device_id,
+                    details={
+                        "revoked": [f"{r.issuer_id}/{r.serial_hex}" for r in revoked],
+                        "erased": list(erased),
+                    },
                 )
-            return _info(device, None, None)
+            info = _info(device, None, None)
+        if self.revocation is not None:
+            self.revocation.notify(revoked)
+        return Decommissioned(info, tuple(r.serial_hex for r in revoked), erased)
 
     # --- one-time secrets -------------------------------------------------------------
 
@@ -542,11 +617,17 @@ class DeviceService:
         with self.db.read_session() as session:
             login = login_state(session, key) if valid else None
         candidates = login.secrets if login is not None else ()
+        # Without an active secret, the one that bought the device's certificate is checked
+        # instead (the same one hash comparison): a retry whose answer was lost.
+        spent = login.spent if login is not None and not candidates else None
         match = None
         for secret_id, hashed, expires_at in candidates:
             if verify_secret(secret, hashed) and expires_at > now:
                 match = secret_id
-        if not candidates:
+        if spent is not None:
+            if verify_secret(secret, spent[1]):
+                match = spent[0]
+        elif not candidates:
             _burn_time(secret)
         if login is None or match is None or locked or len(secret) > MAX_SECRET_LENGTH:
             self.throttle.fail(key, address, now)
@@ -561,7 +642,7 @@ class DeviceService:
             raise PKIError(ErrorKind.UNAUTHORIZED, BAD_SECRET, detail=reason)
         if login.state not in ENROLLABLE:
             raise forbidden(f"device {device_id} is {login.state.value}: it cannot enroll")
-        return Authenticated(device_id, match)
+        return Authenticated(device_id, match, spent=spent is not None)
 
     def check_binding(self, device_id: str, idevid: IDevID, *, register: bool) -> None:
         """Refuses, before anything is stored, an IDevID the device is not bound to."""
@@ -575,19 +656,19 @@ class DeviceService:
 
     def record_enrollment(
         self,
-        record: CertificateRecord,
+        session: Session,
         device_id: str,
         secret_id: int | None,
+        certificate_id: int,
         *,
         register: bool = False,
         idevid: IDevID | None = None,
     ) -> None:
-        """Spends the secret and marks the device enrolled in the transaction of `record`.
+        """Spends the secret and marks the device enrolled, in the issued transaction.
 
-        Runs while the pending certificate row is being written: if the secret was spent
-        by a concurrent request in the meantime, this raises and the row is rolled back.
+        Runs in the transaction that records the certificate as issued: if the secret was
+        spent or replaced in the meantime, this raises and nothing is recorded as issued.
         """
-        session = session_of(record)
         now = self.clock.now()
         repo = DeviceRepository(session)
         device = repo.find(device_id, for_update=True)
@@ -612,7 +693,7 @@ class DeviceService:
             # Re-enrollment (neither) is by the device's own certificate: no binding applies.
             bindings.bind(device, idevid, now)
         if secret_id is not None:
-            if not SecretRepository(session).consume(secret_id, now):
+            if not SecretRepository(session).consume(secret_id, now, certificate_id):
                 raise unauthorized(BAD_SECRET)
             AuthFailureRepository(session).reset(device_id)
         if device.state is not DeviceState.ENROLLED:

@@ -30,18 +30,19 @@ from pki.clock import Clock
 from pki.config import ConfigSet, ProfileConfig
 from pki.csr import CertificateRequest, check_request, load_csr, subject_text
 from pki.device import BAD_SECRET, Authenticated, DeviceService, forbidden, unauthorized
+from pki.enrollment_cycle import EnrollmentCycle, Grant
 from pki.errors import ErrorKind, PKIError, bad_request, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
 from pki.idevid import IDevID
-from pki.issuer import IssuanceService, Issuer
+from pki.issuer import IssuanceService, Issued, Issuer
 from pki.naming import DeviceRecord, first_difference, named_request
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
 from pki.serverkeygen import ServerGeneratedKey
-from pki.store import CertificateRecord, CertificateStatus, Database, audit, session_scope
+from pki.store import CertificateStatus, Database, audit, session_scope
 from pki.store.enrollment_models import ApprovalState, PendingApproval
-from pki.store.enrollment_repository import ApprovalRepository, session_of
+from pki.store.enrollment_repository import ApprovalRepository
 from pki.store.repository import CertificateRepository, IssuedSummary, IssuerRepository
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class EnrollmentService:
         self.revocation = revocation
         self.anchors = dict(anchors or {})
         self.intermediates = dict(intermediates or {})
+        self.cycle = EnrollmentCycle(db, clock, issuance, devices)
 
     # --- read-only operations ---------------------------------------------------------
 
@@ -199,6 +201,12 @@ class EnrollmentService:
         who = self._authenticate_initial(name, cfg, identity)
         csr = load_csr(csr_der)
         request = self._request_for(csr, cfg, who.device_id)
+        if who.secret is not None and who.secret.spent:
+            # The secret bought a certificate whose answer was lost: the same key gets it
+            # again, any other key nothing.
+            grant = Grant(label=name, device_id=who.device_id, method=who.method,
+                          secret_id=who.secret.secret_id)  # fmt: skip
+            return self._enrolled(name, who, self.cycle.resend(grant, request))
         pending = self._approval(name, cfg, who, csr_der, "simpleenroll")
         if pending is not None:
             return pending
@@ -228,7 +236,7 @@ class EnrollmentService:
             asked = dataclasses.replace(asked, subject=x509.Name([]), sans=())
         request = self._named(asked, profile, device_id)
         who = _Who(device_id=device_id, method="reenroll")
-        enrolled = self._issue(name, cfg, who, request, csr_der)
+        enrolled = self._issue(name, cfg, who, request, csr_der, renews=record_serial)
         log.info("device %s re-enrolled, superseding %s", device_id, record_serial)
         return enrolled
 
@@ -240,6 +248,8 @@ class EnrollmentService:
         if not cfg.serverkeygen:
             raise not_found(f"label {name} does not offer server-side key generation")
         who = self._authenticate_initial(name, cfg, identity)
+        if who.secret is not None and who.secret.spent:
+            raise unauthorized(BAD_SECRET)  # a lost server-made key cannot be sent again
         csr = load_csr(csr_der)
         request = self._request_for(csr, cfg, who.device_id)
         wanted = serverkeygen.requested_decrypt_key_id(csr)
@@ -326,6 +336,10 @@ class EnrollmentService:
                 log.warning("could not revoke superseded %s/%s: %s", issuer_id, serial, e.message)
         return revoked
 
+    def sweep_pending(self) -> list[str]:
+        """Marks pending rows older than est.toml's pending_max_age_seconds abandoned."""
+        return self.issuance.abandon_stale(self.est.pending_max_age, actor="est:sweep")
+
     # --- internals --------------------------------------------------------------------
 
     def _authenticate_initial(self, name: str, cfg: LabelConfig, identity: ClientIdentity) -> _Who:
@@ -391,22 +405,18 @@ class EnrollmentService:
             if record is None or record.cert_der != _der(leaf):
                 raise forbidden("the client certificate was not issued by this CA")
             status, device_id, profile = record.status, record.device_id, record.profile
-            not_after = record.not_after
-            # Re-enrollment is by the device's current certificate only: not by one that a
-            # newer certificate superseded and that a grace period still leaves unrevoked.
-            issued = CertificateRepository(session).issued_of_device(device_id or "")
-            newest = [r.serial_hex for r in issued if r.profile == profile][-1:]
-            superseded = bool(newest) and newest[0] != serial
-        if status is CertificateStatus.REVOKED:
+            not_after, reason = record.not_after, record.revocation_reason
+        # Re-enrollment is by the device's current certificate only; whether a newer one
+        # superseded it is decided under the device's lock (pki.enrollment_cycle: 409, or
+        # the successor again for the request that lost its answer).
+        if status is CertificateStatus.REVOKED and reason != x509.ReasonFlags.superseded.value:
             raise forbidden(f"the client certificate {serial} is revoked")
-        if status is not CertificateStatus.ISSUED:
+        if status not in (CertificateStatus.ISSUED, CertificateStatus.REVOKED):
             raise forbidden(f"the client certificate {serial} is not issued")
         if not_after <= self.clock.now():
             raise forbidden(f"the client certificate {serial} has expired")
         if device_id is None:
             raise forbidden("the client certificate is not a device certificate")
-        if superseded:
-            raise forbidden(f"the client certificate {serial} is superseded by a newer one")
         if profile != cfg.profile:
             raise forbidden(f"the client certificate has profile {profile}, not {cfg.profile}")
         return serial, device_id, leaf
@@ -497,42 +507,38 @@ class EnrollmentService:
         who: _Who,
         request: CertificateRequest,
         csr_der: bytes,
+        *,
+        renews: str | None = None,
     ) -> Enrolled:
         profile = self.config.profile(cfg.profile)
         issuer = self.issuers.issuer(cfg.issuer)
-        digest = hashlib.sha256(csr_der).hexdigest() if cfg.manual_approval else None
-
-        def on_recorded(record: CertificateRecord) -> None:
-            # Same transaction as the pending certificate row: the secret is spent and the
-            # device marked enrolled only if the row commits, and a secret spent by a
-            # concurrent request rolls this row back.
-            self.devices.record_enrollment(
-                record,
-                who.device_id,
-                who.secret.secret_id if who.secret is not None else None,
-                register=who.register,
-                idevid=who.idevid,
-            )
-            session = session_of(record)
-            if digest is not None and who.method != "reenroll":
-                row = ApprovalRepository(session).find(who.device_id, name, digest)
-                if row is None or row.state is not ApprovalState.APPROVED:
-                    raise forbidden("the request is no longer approved")
-                row.state = ApprovalState.ISSUED
-            audit.append(
-                session,
-                at=self.clock.now(),
-                actor=f"device:{who.device_id}",
-                action="device.enrolled",
-                target=who.device_id,
-                details={"label": name, "method": who.method, "serial": record.serial_hex},
-            )
-
-        issued = self.issuance.issue(
-            issuer, profile, request, actor=f"est:{name}", on_recorded=on_recorded
+        digest = None
+        if cfg.manual_approval and who.method != "reenroll":
+            digest = hashlib.sha256(csr_der).hexdigest()
+        grant = Grant(
+            label=name,
+            device_id=who.device_id,
+            method=who.method,
+            secret_id=who.secret.secret_id if who.secret is not None else None,
+            register=who.register,
+            idevid=who.idevid,
+            approval_digest=digest,
+            renews=renews,
         )
-        self.sweep_superseded(who.device_id)
-        chain = tuple(self.cacerts(name))
+        return self._enrolled(name, who, self.cycle.issue(grant, issuer, profile, request))
+
+    def _enrolled(self, name: str, who: _Who, issued: Issued) -> Enrolled:
+        # The certificate is recorded as issued: what follows must not turn it into an
+        # error response, or the device would retry for a certificate it already has.
+        try:
+            self.sweep_superseded(who.device_id)
+        except Exception as e:  # any failure: the next sweep tries again
+            log.warning("superseded sweep after %s failed: %s", serial_hex(issued.serial), e)
+        try:
+            chain = tuple(self.cacerts(name))
+        except Exception as e:  # the chain is also at /cacerts
+            log.warning("chain for %s unavailable: %s", serial_hex(issued.serial), e)
+            chain = ()
         return Enrolled(
             device_id=who.device_id,
             certificate=issued.certificate,

@@ -71,6 +71,9 @@ class ESTConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=1024 * 1024)] = 16384
     supersede_grace_seconds: Annotated[int, Field(ge=0, le=90 * 86400)] = 0
     retry_after_seconds: Annotated[int, Field(ge=1, le=86400)] = 60
+    # A pending certificate row older than this was left by a request that failed and was
+    # never retried: the sweep marks it abandoned. Far above any request's duration.
+    pending_max_age_seconds: Annotated[int, Field(ge=300, le=30 * 86400)] = 86400
     trusted_proxies: list[str] = Field(default_factory=list)
     proxy_cert_header: str = "X-SSL-Client-Cert"
     # The CA front's TLS server certificate (chain) and key, relative to the data directory.
@@ -121,6 +124,10 @@ class ESTConfig(_Strict):
     @property
     def lockout(self) -> datetime.timedelta:
         return datetime.timedelta(minutes=self.lockout_minutes)
+
+    @property
+    def pending_max_age(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.pending_max_age_seconds)
 
     @property
     def supersede_grace(self) -> datetime.timedelta:

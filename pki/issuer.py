@@ -9,6 +9,7 @@ database does not know.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
 import json
@@ -31,7 +32,14 @@ from pki.errors import ErrorKind, PKIError, config_error, internal
 from pki.issuer_standing import expiry_problem, revocation_problem, unfit
 from pki.profile import IssuerView, certificate_builder
 from pki.serial import new_serial, serial_hex
-from pki.store import CertificateRecord, Database, audit, session_scope
+from pki.store import (
+    CertificateRecord,
+    CertificateStatus,
+    Database,
+    Session,
+    audit,
+    session_scope,
+)
 from pki.store.repository import CertificateRepository, DuplicateSerial
 
 SERIAL_ATTEMPTS = 5
@@ -196,12 +204,16 @@ class IssuanceService:
         actor: str,
         validity_days: int | None = None,
         on_recorded: Callable[[CertificateRecord], None] | None = None,
+        issued_session: Session | None = None,
+        on_issued: Callable[[int], None] | None = None,
     ) -> Issued:
-        """Issues a certificate for a checked request: lint, record pending, sign, record."""
-        if issuer.profiles and profile.name not in issuer.profiles:
-            raise PKIError(
-                ErrorKind.POLICY, f"issuer {issuer.issuer_id} does not issue profile {profile.name}"
-            )
+        """Issues a certificate for a checked request: lint, record pending, sign, record.
+
+        With `issued_session`, the certificate is recorded as issued (and `on_issued` runs,
+        before the audit event) in that session's transaction, which the caller commits;
+        otherwise in one of its own.
+        """
+        self._check_profile(issuer, profile)
         now = self.clock.now()
         own = getattr(issuer, "certificate", None)  # a root in its ceremony has none yet
         if own is not None and (problem := expiry_problem(issuer.issuer_id, own, now)):
@@ -209,24 +221,7 @@ class IssuanceService:
         sans = [describe_san(n) for n in request.sans]
         for _attempt in range(SERIAL_ATTEMPTS):
             serial = new_serial()
-            builder = certificate_builder(
-                profile,
-                serial=serial,
-                subject=request.subject,
-                sans=request.sans,
-                public_key=request.public_key,
-                issuer=issuer.view,
-                urls=self.urls,
-                now=now,
-                validity_days=validity_days,
-            )
-            pre = issuer.precertificate(builder)
-            if self.lint_certificates:
-                lint.require_clean(
-                    lint.lint_certificate(pre.public_bytes(serialization.Encoding.DER)),
-                    f"certificate for {subject_text(request.subject)}",
-                )
-            tbs = pre.tbs_certificate_bytes
+            builder, tbs, pre = self._build(issuer, profile, request, serial, now, validity_days)
             try:
                 with session_scope(self.db) as session:
                     certificates = CertificateRepository(session)
@@ -271,6 +266,106 @@ class IssuanceService:
             raise internal(f"no free serial number after {SERIAL_ATTEMPTS} attempts")
 
         self.hook("pending", record_id)
+        return self._sign_and_record(
+            issuer, builder, tbs, record_id, serial, actor, issued_session, on_issued
+        )
+
+    def complete(
+        self,
+        issuer: Issuer,
+        profile: ProfileConfig,
+        request: CertificateRequest,
+        record: CertificateRecord,
+        *,
+        actor: str,
+        issued_session: Session | None = None,
+        on_issued: Callable[[int], None] | None = None,
+    ) -> Issued | None:
+        """Signs a pending row left by a failed request, for a retry of that request.
+
+        The TBS is built again from the request, the row's serial and its recording time,
+        and linted again; it is signed only if it is byte-identical to the recorded TBS
+        (None otherwise: the caller abandons the row and issues afresh).
+        """
+        self._check_profile(issuer, profile)
+        if record.status is not CertificateStatus.PENDING or record.issuer_id != issuer.issuer_id:
+            return None
+        serial = int(record.serial_hex, 16)
+        builder, tbs, _pre = self._build(issuer, profile, request, serial, record.created_at, None)
+        if tbs != record.tbs_der:
+            return None
+        return self._sign_and_record(
+            issuer, builder, tbs, record.id, serial, actor, issued_session, on_issued
+        )
+
+    def abandon_stale(self, max_age: datetime.timedelta, *, actor: str) -> list[str]:
+        """Marks pending rows older than max_age abandoned, each audited; returns their serials."""
+        now = self.clock.now()
+        done: list[str] = []
+        with session_scope(self.db) as session:
+            repo = CertificateRepository(session)
+            for record in repo.stale_pending(now - max_age):
+                if repo.abandon(record.id):
+                    audit.append(
+                        session,
+                        at=now,
+                        actor=actor,
+                        action="certificate.abandoned",
+                        target=f"{record.issuer_id}/{record.serial_hex}",
+                        details={
+                            "device_id": record.device_id,
+                            "pending_since": record.created_at.isoformat(),
+                            "why": "older than the pending age",
+                        },
+                    )
+                    done.append(record.serial_hex)
+        return done
+
+    def _check_profile(self, issuer: Issuer, profile: ProfileConfig) -> None:
+        if issuer.profiles and profile.name not in issuer.profiles:
+            raise PKIError(
+                ErrorKind.POLICY, f"issuer {issuer.issuer_id} does not issue profile {profile.name}"
+            )
+
+    def _build(
+        self,
+        issuer: Issuer,
+        profile: ProfileConfig,
+        request: CertificateRequest,
+        serial: int,
+        now: datetime.datetime,
+        validity_days: int | None,
+    ) -> tuple[x509.CertificateBuilder, bytes, x509.Certificate]:
+        builder = certificate_builder(
+            profile,
+            serial=serial,
+            subject=request.subject,
+            sans=request.sans,
+            public_key=request.public_key,
+            issuer=issuer.view,
+            urls=self.urls,
+            now=now,
+            validity_days=validity_days,
+        )
+        pre = issuer.precertificate(builder)
+        if self.lint_certificates:
+            lint.require_clean(
+                lint.lint_certificate(pre.public_bytes(serialization.Encoding.DER)),
+                f"certificate for {subject_text(request.subject)}",
+            )
+        return builder, pre.tbs_certificate_bytes, pre
+
+    def _sign_and_record(
+        self,
+        issuer: Issuer,
+        builder: x509.CertificateBuilder,
+        tbs: bytes,
+        record_id: int,
+        serial: int,
+        actor: str,
+        issued_session: Session | None,
+        on_issued: Callable[[int], None] | None,
+    ) -> Issued:
         cert = issuer.sign(builder)
         if cert.tbs_certificate_bytes != tbs:
             # The signed TBS must be the one that was linted and recorded (Boulder's
@@ -278,10 +373,15 @@ class IssuanceService:
             raise internal("signed certificate differs from the recorded one; not released")
         cert_der = cert.public_bytes(serialization.Encoding.DER)
         digest = fingerprint(cert_der)
-        with session_scope(self.db) as session:
+
+        def record_issued(session: Session) -> None:
             CertificateRepository(session).mark_issued(
                 record_id, cert_der=cert_der, fingerprint_sha256=digest, at=self.clock.now()
             )
+            # Row work first, the audit append last: a transaction waiting on a row lock
+            # must not hold the audit chain's head, which every issuance needs.
+            if on_issued is not None:
+                on_issued(record_id)
             audit.append(
                 session,
                 at=self.clock.now(),
@@ -290,6 +390,12 @@ class IssuanceService:
                 target=f"{issuer.issuer_id}/{serial_hex(serial)}",
                 details={"fingerprint_sha256": digest, "key": _key_name(issuer)},
             )
+
+        if issued_session is not None:
+            record_issued(issued_session)
+        else:
+            with session_scope(self.db) as session:
+                record_issued(session)
         self.hook("issued", record_id)
         return Issued(cert, cert_der, record_id, serial, digest)
 

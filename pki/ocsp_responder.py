@@ -133,8 +133,8 @@ class OCSPSource(Protocol):
 
 def certificate_status(state: CertificateState | None, now: datetime.datetime) -> CertStatus | None:
     """Returns the OCSP status of a certificate row, or None when it was never issued."""
-    if state is None or state.status is CertificateStatus.PENDING:
-        return None
+    if state is None or state.status not in (CertificateStatus.ISSUED, CertificateStatus.REVOKED):
+        return None  # pending, or abandoned: never released
     if state.status is CertificateStatus.REVOKED:
         assert state.revoked_at is not None
         reason = REASONS.get(state.revocation_reason or "unspecified")

@@ -24,9 +24,11 @@ from pki.store import (
     CertificateStatus,
     Database,
     DeviceState,
+    Session,
     audit,
     session_scope,
 )
+from pki.store.repository import CertificateRepository
 from pki.store.revocation_models import RevocationStore
 
 REASONS = {r.value: r for r in x509.ReasonFlags}
@@ -245,6 +247,30 @@ class RevocationService:
         self._tell(result)
         return result
 
+    def revoke_device_in(
+        self, session: Session, device_id: str, reason: x509.ReasonFlags, now: datetime.datetime
+    ) -> list[Revoked]:
+        """Revokes every active certificate of a device (issued, or on hold) in the caller's
+        transaction; the caller audits, commits and then calls `notify`."""
+        _check_reason(reason)
+        store = RevocationStore(session)
+        records = list(store.reader.issued_of_devices([device_id]))
+        held = CertificateRepository(session).list(
+            device_id=device_id, status=CertificateStatus.REVOKED, limit=1000
+        )
+        # Read again under a row lock, as every revocation transition is (_revoke_record).
+        records += [
+            store.certificates.by_serial(r.serial_hex, r.issuer_id, for_update=True)
+            for r in held
+            if r.revocation_reason == x509.ReasonFlags.certificate_hold.value
+        ]
+        return [_revoke_record(store, r, reason, now) for r in records]
+
+    def notify(self, results: Sequence[Revoked]) -> None:
+        """Tells the listeners (OCSP re-signing, CRL scheduling) of committed revocations."""
+        for result in results:
+            self._tell(result)
+
     def _tell(self, result: Revoked) -> None:
         for listener in self.listeners:
             listener(result)
@@ -267,7 +293,7 @@ def _revoke_record(
     below decide on its current state, and two revocations at once must not both decide on
     the state before either committed (a lost update would replace keyCompromise)."""
     serial_hex = record.serial_hex
-    if record.status is CertificateStatus.PENDING:
+    if record.status in (CertificateStatus.PENDING, CertificateStatus.ABANDONED):
         raise conflict(f"certificate {serial_hex} was never issued")
     changed = True
     action = "revoked"

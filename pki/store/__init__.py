@@ -1,6 +1,6 @@
 """Storage of the CA: SQLAlchemy models, the database handle and repositories."""
 
-from pki.store.db import Database, session_scope
+from pki.store.db import Database, Session, session_scope
 from pki.store.models import (
     AuditEvent,
     Base,
@@ -20,5 +20,6 @@ __all__ = [
     "Device",
     "DeviceState",
     "IssuerRecord",
+    "Session",
     "session_scope",
 ]

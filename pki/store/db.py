@@ -18,6 +18,8 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
+__all__ = ["Database", "Session", "alembic_config", "session_scope"]
+
 from pki.errors import ErrorKind, PKIError
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -45,6 +45,10 @@ class EnrollmentSecret(Base):
     used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
     # The EST labels it is valid on, comma-separated; NULL: the default label only.
     labels: Mapped[str | None] = mapped_column(String(1024))
+    # The certificate the secret bought: a retry with the same secret and key gets it again.
+    certificate_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("certificates.id")
+    )
 
 
 class EnrollMethod(enum.Enum):

@@ -38,6 +38,9 @@ class LoginState:
     state: DeviceState
     # (secret id, stored hash, expiry) of each active secret, newest first.
     secrets: tuple[tuple[int, str, datetime.datetime], ...]
+    # (secret id, stored hash) of the newest spent secret that bought a certificate: its
+    # retry with the same key gets that certificate again.
+    spent: tuple[int, str] | None = None
 
 
 def login_state(session: Session, device_id: str) -> LoginState | None:
@@ -48,13 +51,20 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
             EnrollmentSecret.id,
             EnrollmentSecret.secret_hash,
             EnrollmentSecret.expires_at,
+            EnrollmentSecret.state,
         )
         .select_from(Device)
         .outerjoin(
             EnrollmentSecret,
             and_(
                 EnrollmentSecret.device_id == Device.id,
-                EnrollmentSecret.state == SecretState.ACTIVE,
+                or_(
+                    EnrollmentSecret.state == SecretState.ACTIVE,
+                    and_(
+                        EnrollmentSecret.state == SecretState.USED,
+                        EnrollmentSecret.certificate_id.is_not(None),
+                    ),
+                ),
             ),
         )
         .where(Device.id == device_id)
@@ -65,7 +75,8 @@ def login_state(session: Session, device_id: str) -> LoginState | None:
         return None
     return LoginState(
         state=rows[0][0],
-        secrets=tuple((r[1], r[2], r[3]) for r in rows if r[1] is not None),
+        secrets=tuple((r[1], r[2], r[3]) for r in rows if r[4] is SecretState.ACTIVE),
+        spent=next(((r[1], r[2]) for r in rows if r[4] is SecretState.USED), None),
     )
 
 
@@ -168,7 +179,12 @@ class SecretRepository:
         )
         return int(getattr(result, "rowcount", 0) or 0)
 
-    def consume(self, secret_id: int, now: datetime.datetime) -> bool:
+    def get(self, secret_id: int) -> EnrollmentSecret | None:
+        return self.session.get(EnrollmentSecret, secret_id)
+
+    def consume(
+        self, secret_id: int, now: datetime.datetime, certificate_id: int | None = None
+    ) -> bool:
         """Marks a secret used if it still is active; False when another request got it first."""
         # One conditional UPDATE: of two transactions racing for one secret, the second
         # waits on the row lock and then matches no row (PostgreSQL), or waits for the
@@ -178,10 +194,19 @@ class SecretRepository:
             .where(EnrollmentSecret.id == secret_id)
             .where(EnrollmentSecret.state == SecretState.ACTIVE)
             .where(EnrollmentSecret.expires_at > now)
-            .values(state=SecretState.USED, used_at=now)
+            .values(state=SecretState.USED, used_at=now, certificate_id=certificate_id)
             .execution_options(synchronize_session=False)
         )
         return int(getattr(result, "rowcount", 0) or 0) == 1
+
+    def delete_of_device(self, device_id: str) -> int:
+        """Deletes every secret of a device (hashes included); returns how many there were."""
+        result = self.session.execute(
+            delete(EnrollmentSecret)
+            .where(EnrollmentSecret.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,13 +294,14 @@ class AuthFailureRepository:
             return None
         return FailureCount(failures=int(total), locked_until=until)
 
-    def reset(self, device_id: str) -> None:
-        """Forgets a device's failed logins from every address (one DELETE)."""
-        self.session.execute(
+    def reset(self, device_id: str) -> int:
+        """Forgets a device's failed logins from every address (one DELETE); returns how many."""
+        result = self.session.execute(
             delete(AuthFailure)
             .where(AuthFailure.device_id == device_id)
             .execution_options(synchronize_session=False)
         )
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def prune(self, before: datetime.datetime) -> int:
         """Deletes counters whose last failure and lock-out are both before `before`."""
@@ -353,3 +379,12 @@ class ApprovalRepository:
         if device_id is not None:
             query = query.where(PendingApproval.device_id == device_id)
         return self.session.execute(query.order_by(PendingApproval.id)).scalars().all()
+
+    def delete_of_device(self, device_id: str) -> int:
+        """Deletes every request of a device (their CSRs included); returns how many."""
+        result = self.session.execute(
+            delete(PendingApproval)
+            .where(PendingApproval.device_id == device_id)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0)

@@ -53,11 +53,16 @@ class Base(DeclarativeBase):
 
 
 class CertificateStatus(enum.Enum):
-    """Lifecycle of a certificate row; `pending` rows have a TBS but no signature yet."""
+    """Lifecycle of a certificate row; `pending` rows have a TBS but no signature yet.
+
+    An `abandoned` row is a pending one that was never released: its request failed and
+    was superseded by a retry with another key, or it outlived the sweep age.
+    """
 
     PENDING = "pending"
     ISSUED = "issued"
     REVOKED = "revoked"
+    ABANDONED = "abandoned"
 
 
 class DeviceState(enum.Enum):

@@ -141,6 +141,49 @@ class CertificateRepository:
         if int(getattr(result, "rowcount", 0) or 0) != 1:
             raise internal(f"certificate record {record_id} is not pending")
 
+    def pending_of_device(self, device_id: str) -> Sequence[CertificateRecord]:
+        """Lists a device's pending rows, newest first."""
+        query = (
+            select(CertificateRecord)
+            .where(CertificateRecord.device_id == device_id)
+            .where(CertificateRecord.status == CertificateStatus.PENDING)
+            .order_by(CertificateRecord.id.desc())
+        )
+        return self.session.execute(query).scalars().all()
+
+    def newest_issued(self, device_id: str, profile: str) -> CertificateRecord | None:
+        """Returns a device's newest issued certificate of a profile, if any."""
+        query = (
+            select(CertificateRecord)
+            .where(CertificateRecord.device_id == device_id)
+            .where(CertificateRecord.profile == profile)
+            .where(CertificateRecord.status == CertificateStatus.ISSUED)
+            .order_by(CertificateRecord.id.desc())
+            .limit(1)
+        )
+        return self.session.execute(query).scalar_one_or_none()
+
+    def stale_pending(self, created_before: datetime.datetime) -> Sequence[CertificateRecord]:
+        """Lists pending rows recorded before a time, oldest first."""
+        query = (
+            select(CertificateRecord)
+            .where(CertificateRecord.status == CertificateStatus.PENDING)
+            .where(CertificateRecord.created_at < created_before)
+            .order_by(CertificateRecord.id)
+        )
+        return self.session.execute(query).scalars().all()
+
+    def abandon(self, record_id: int) -> bool:
+        """Marks a pending row abandoned (never released); False if it is no longer pending."""
+        result = self.session.execute(
+            update(CertificateRecord)
+            .where(CertificateRecord.id == record_id)
+            .where(CertificateRecord.status == CertificateStatus.PENDING)
+            .values(status=CertificateStatus.ABANDONED)
+            .execution_options(synchronize_session=False)
+        )
+        return int(getattr(result, "rowcount", 0) or 0) == 1
+
     def issued_of_device(self, device_id: str | None) -> list[IssuedSummary]:
         """Lists the issued certificates of one device (None: of every device), oldest first."""
         query = select(

@@ -28,6 +28,7 @@ from pki.issuer import Issuer
 from pki.revocation import RevocationService
 from pki.store import CertificateRecord, CertificateStatus, Database, DeviceState, session_scope
 from pki.store.enrollment_models import EnrollmentSecret, PendingApproval, SecretState
+from pki.store.enrollment_repository import session_of
 from tests.csrs import der, device_csr
 from tests.unit.pki.conftest import Hierarchy
 
@@ -270,8 +271,10 @@ class TestEnroll:
             t.start()
         for t in threads:
             t.join()
+        # The one in flight holds the device: the others get a conflict, or find the secret
+        # spent (by then it bought a certificate for another key).
         assert sum(isinstance(r, Enrolled) for r in results) == 1
-        assert results.count(ErrorKind.UNAUTHORIZED) == 3
+        assert results.count(ErrorKind.CONFLICT) + results.count(ErrorKind.UNAUTHORIZED) == 3
         assert _certs(hierarchy.db) == before + 1
 
     def test_second_enrollment_supersedes_first(
@@ -279,7 +282,7 @@ class TestEnroll:
     ) -> None:
         first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
         again = service.devices.new_secret(
-            "DEV-1", actor="t", may_redraw=True, reason="re-provisioned"
+            "DEV-1", actor="t", may_redraw=True, reason="test"
         ).secret
         second = _enroll(service, "DEV-1", again)
         assert _status(hierarchy.db, first.serial_hex) == (CertificateStatus.REVOKED, "superseded")
@@ -294,9 +297,7 @@ class TestEnroll:
         _enroll(
             service,
             "DEV-1",
-            service.devices.new_secret(
-                "DEV-1", actor="t", may_redraw=True, reason="re-provisioned"
-            ).secret,
+            service.devices.new_secret("DEV-1", actor="t", may_redraw=True, reason="test").secret,
         )
         assert _status(hierarchy.db, first.serial_hex)[0] is CertificateStatus.ISSUED
         later = make_service(
@@ -318,7 +319,7 @@ class TestReenroll:
         assert renewed.method == "reenroll"
         assert _status(hierarchy.db, first.serial_hex) == (CertificateStatus.REVOKED, "superseded")
 
-    def test_reenroll_with_superseded_certificate_forbidden(
+    def test_reenroll_with_superseded_certificate_conflicts(
         self, make_service: Callable[..., EnrollmentService], hierarchy: Hierarchy
     ) -> None:
         # Within the grace period the superseded certificate is still unrevoked, but only the
@@ -329,9 +330,14 @@ class TestReenroll:
         current = service.reenroll(der(csr), None, _tls(first.cert_der))
         assert _status(hierarchy.db, first.serial_hex)[0] is CertificateStatus.ISSUED
         before = _certs(hierarchy.db)
+        # The same request again (its answer lost) gets the successor again; another key
+        # gets nothing: the renewal already happened.
+        again = service.reenroll(der(csr), None, _tls(first.cert_der))
+        assert again.cert_der == current.cert_der
+        other, _ = device_csr("DEV-1")
         with pytest.raises(PKIError) as e:
-            service.reenroll(der(csr), None, _tls(first.cert_der))
-        assert e.value.kind is ErrorKind.FORBIDDEN and "superseded" in e.value.message
+            service.reenroll(der(other), None, _tls(first.cert_der))
+        assert e.value.kind is ErrorKind.CONFLICT and "superseded" in e.value.message
         assert _certs(hierarchy.db) == before
         assert service.reenroll(der(csr), None, _tls(current.cert_der)).device_id == "DEV-1"
 
@@ -448,9 +454,15 @@ class TestApproval:
         assert isinstance(done, Enrolled)
         with session_scope(hierarchy.db) as s:
             assert s.execute(select(PendingApproval.state)).scalar_one().value == "issued"
-        assert _kind(lambda: service.enroll(der(csr), "approval", _basic("DEV-1", secret))) is (
+        # The same request again (its answer was lost) gets the same certificate; another
+        # key gets nothing for the spent secret.
+        resent = service.enroll(der(csr), "approval", _basic("DEV-1", secret))
+        assert isinstance(resent, Enrolled) and resent.cert_der == done.cert_der
+        other, _ = device_csr("DEV-1")
+        assert _kind(lambda: service.enroll(der(other), "approval", _basic("DEV-1", secret))) is (
             ErrorKind.UNAUTHORIZED
         )
+        assert _certs(hierarchy.db) == before + 1
 
     def test_approve_without_pending_not_found(self, service: EnrollmentService) -> None:
         _register(service, "DEV-1")
@@ -527,7 +539,7 @@ class TestServerKeyGen:
         first = _enroll(service, "DEV-1", _register(service, "DEV-1"))
         ski = first.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
         secret = service.devices.new_secret(
-            "DEV-1", actor="t", may_redraw=True, reason="re-provisioned"
+            "DEV-1", actor="t", may_redraw=True, reason="test"
         ).secret
         key = ec.generate_private_key(ec.SECP256R1())
         csr = (
@@ -607,7 +619,9 @@ class TestReenrollNames:
             profile,
             check_request(load_csr(der(old_csr)), profile),
             actor="t",
-            on_recorded=lambda r: service.devices.record_enrollment(r, "DEV-1", None),
+            on_recorded=lambda r: service.devices.record_enrollment(
+                session_of(r), "DEV-1", None, r.id
+            ),
         )
         result = service.reenroll(der(old_csr), None, _tls(old.cert_der))
         cn = result.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
