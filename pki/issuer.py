@@ -290,6 +290,18 @@ class IssuanceService:
         self._check_profile(issuer, profile)
         if record.status is not CertificateStatus.PENDING or record.issuer_id != issuer.issuer_id:
             return None
+        # The issue-time checks again: the issuer may have been revoked or expired since
+        # the row was recorded, and then it signs nothing (pki.issuer_standing).
+        own = getattr(issuer, "certificate", None)
+        if own is not None:
+            problem = expiry_problem(issuer.issuer_id, own, self.clock.now())
+            if problem is None:
+                with self.db.read_session() as session:
+                    problem = revocation_problem(
+                        CertificateRepository(session), issuer.issuer_id, own
+                    )
+            if problem is not None:
+                raise unfit(problem)
         serial = int(record.serial_hex, 16)
         builder, tbs, _pre = self._build(issuer, profile, request, serial, record.created_at, None)
         if tbs != record.tbs_der:
