@@ -20,6 +20,7 @@ from flask import Flask, Response, abort, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import http_date
 
+from api import errors
 from api.runtime import Runtime, domain_error
 from pki.errors import ErrorKind, PKIError
 from pki.ocsp import CertStatus, SingleAnswer, build_response
@@ -182,6 +183,9 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
     app.config["MAX_CONTENT_LENGTH"] = MAX_OCSP_REQUEST
     va = VA(runtime, config or runtime.ocsp_config())
     app.extensions["pki_va"] = va
+    # A database or token outage on a download is 503 with Retry-After and one log line, as
+    # on the CA front; OCSP answers its own outages with tryLater.
+    errors.install(app, plain=True, translate=domain_error)
 
     def ocsp_post() -> Response:
         content_type = (request.mimetype or "").lower()

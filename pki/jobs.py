@@ -1,7 +1,7 @@
 """Scheduled publishing jobs, each under a job lock: one of any number of schedulers runs it.
 
-A job is named by what it does and for which issuer ("crl:devices", "crl-delta:devices",
-"presign:devices", "renew-signer:devices"). Whether a job is due is decided while its lock is
+A job is named by what it does and for which issuer ("crl:devices", "presign:devices",
+"renew-signer:devices"). Whether a job is due is decided while its lock is
 held, so a scheduler that gets the lock after another one finished sees that publication and
 does not repeat it: N schedulers give one publication per due job (invariant 6).
 """
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 from pki.clock import Clock
 from pki.crl_publisher import CRLPublisher, PublishedCRL
+from pki.errors import ErrorKind, PKIError
 from pki.issuer import Issuer
 from pki.ocsp_responder import OCSPPresigner, PresignResult
 from pki.store import Database
@@ -62,12 +63,19 @@ class Jobs:
         when CRLPublisher.due says it is due. The issuer's key is opened only to sign;
         open_issuer returns None for an issuer whose key is elsewhere (offline).
 
-        Only the scheduled form (when_due) takes the job lock: a publication asked for by hand
-        happens at once, beside any scheduler; CRL numbers stay unique and increasing through
-        the number index either way."""
-        if when_due is None:
-            return self._publish(publisher, issuer_id, open_issuer, delta=delta, why=None)
-        with self.exclusive(f"{'crl-delta' if delta else 'crl'}:{issuer_id}") as held:
+        Full and delta CRLs of one issuer share one lock ("crl:<issuer>"), taken by the
+        scheduled form and by a publication asked for by hand alike: a delta reserved while a
+        full CRL is being signed would name the old base with a higher number, and no delta
+        would then match the new full CRL's Freshest CRL (RFC 5280 §5.2.4). The scheduled form
+        skips a held lock; the form asked for by hand refuses, to be tried again."""
+        with self.exclusive(f"crl:{issuer_id}") as held:
+            if when_due is None:
+                if not held:
+                    raise PKIError(
+                        ErrorKind.UNAVAILABLE,
+                        f"{issuer_id}: another publisher is signing its CRLs now; try again",
+                    )
+                return self._publish(publisher, issuer_id, open_issuer, delta=delta, why=None)
             if not held:
                 return CRLJob(issuer_id, delta, why=BUSY)
             period, delay = when_due

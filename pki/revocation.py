@@ -28,7 +28,6 @@ from pki.store import (
     audit,
     session_scope,
 )
-from pki.store.repository import CertificateRepository
 from pki.store.revocation_models import RevocationStore
 
 REASONS = {r.value: r for r in x509.ReasonFlags}
@@ -180,7 +179,7 @@ class RevocationService:
             if len(devices) > MAX_BULK:
                 raise bad_request(f"at most {MAX_BULK} devices per bulk revocation")
             known = store.known_devices(devices)
-            records = reader.issued_of_devices(devices)
+            records = reader.active_of_devices(devices)
             if batch is None and not records and not known:
                 raise not_found("none of the devices is known")
             results = tuple(_revoke_record(store, r, reason, now) for r in records)
@@ -254,17 +253,12 @@ class RevocationService:
         transaction; the caller audits, commits and then calls `notify`."""
         _check_reason(reason)
         store = RevocationStore(session)
-        records = list(store.reader.issued_of_devices([device_id]))
-        held = CertificateRepository(session).list(
-            device_id=device_id, status=CertificateStatus.REVOKED, limit=1000
-        )
-        # Read again under a row lock, as every revocation transition is (_revoke_record).
-        records += [
-            store.certificates.by_serial(r.serial_hex, r.issuer_id, for_update=True)
-            for r in held
-            if r.revocation_reason == x509.ReasonFlags.certificate_hold.value
-        ]
-        return [_revoke_record(store, r, reason, now) for r in records]
+        records = store.reader.active_of_devices([device_id])
+        results = [_revoke_record(store, r, reason, now) for r in records]
+        # Like every revoking transaction: events stored, markers advanced (the next CRLs are
+        # due), stale pre-signed responses dropped (docs/revocation.md).
+        store.write_changes()
+        return results
 
     def notify(self, results: Sequence[Revoked]) -> None:
         """Tells the listeners (OCSP re-signing, CRL scheduling) of committed revocations."""

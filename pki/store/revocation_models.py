@@ -344,16 +344,20 @@ class CertificateStateReader:
             return None
         return value.replace(tzinfo=datetime.UTC) if value.tzinfo is None else value
 
-    def issued_of_devices(self, device_ids: Sequence[str]) -> list[CertificateRecord]:
-        """Returns the issued certificates of the listed devices, locked for update."""
+    def active_of_devices(self, device_ids: Sequence[str]) -> list[CertificateRecord]:
+        """Returns the active certificates (issued, or on hold) of the listed devices, locked
+        for update in id order."""
         if not device_ids:
             return []
+        on_hold = (CertificateRecord.status == CertificateStatus.REVOKED) & (
+            CertificateRecord.revocation_reason == "certificateHold"
+        )
         return list(
             self.session.execute(
                 select(CertificateRecord)
                 .where(
                     CertificateRecord.device_id.in_(sorted(set(device_ids))),
-                    CertificateRecord.status == CertificateStatus.ISSUED,
+                    (CertificateRecord.status == CertificateStatus.ISSUED) | on_hold,
                 )
                 .order_by(CertificateRecord.id)
                 .with_for_update()

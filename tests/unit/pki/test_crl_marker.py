@@ -9,10 +9,11 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography import x509
-from sqlalchemy import Connection, insert, select, text
+from sqlalchemy import Connection, func, insert, select, text
 
 from pki import lint
 from pki.crl_publisher import CRLPublisher, CRLPublisherConfig, PublishedCRL
+from pki.device import DeviceService
 from pki.errors import ErrorKind, PKIError
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
@@ -24,9 +25,15 @@ from pki.store import (
     DeviceState,
     session_scope,
 )
-from pki.store.revocation_models import CertificateStateReader, CRLRepository
+from pki.store.revocation_models import (
+    CertificateStateReader,
+    CRLRepository,
+    OCSPResponseRecord,
+    OCSPResponseRepository,
+    RevocationEvent,
+)
 from tests.unit.pki.conftest import Hierarchy
-from tests.unit.pki.test_revocation_support import MovableClock, issue_device
+from tests.unit.pki.test_revocation_support import MovableClock, issue_device, register_device
 
 KC = x509.ReasonFlags.key_compromise
 PERIOD = datetime.timedelta(hours=6)
@@ -373,3 +380,96 @@ class TestRenewal:
         assert self.due(setup, "devices") == "renewal before nextUpdate"
         setup.publisher.publish(setup.h.root)
         assert self.due(setup, "root") is None
+
+
+def store_good_responses(db: Database, serials_: set[int], at: datetime.datetime) -> None:
+    """Stores a pre-signed "good" response for each certificate, as the pre-signing job does."""
+    with session_scope(db) as s:
+        rows = s.execute(
+            select(CertificateRecord).where(
+                CertificateRecord.serial_hex.in_([serial_hex(n) for n in serials_])
+            )
+        ).scalars()
+        OCSPResponseRepository(s).put_all(
+            [
+                OCSPResponseRecord(
+                    certificate_id=r.id,
+                    issuer_id=r.issuer_id,
+                    serial_hex=r.serial_hex,
+                    status="good",
+                    this_update=at,
+                    next_update=at + PERIOD,
+                    signer_serial_hex="00",
+                    response_der=b"stale",
+                )
+                for r in rows
+            ]
+        )
+
+
+def events_of(db: Database, serials_: set[int]) -> dict[str, int]:
+    with session_scope(db) as s:
+        rows = s.execute(
+            select(RevocationEvent.serial_hex, func.count())
+            .where(RevocationEvent.serial_hex.in_([serial_hex(n) for n in serials_]))
+            .group_by(RevocationEvent.serial_hex)
+        ).all()
+        return {r[0]: r[1] for r in rows}
+
+
+class TestDeviceRevocations:
+    def test_decommission_advances_marker_and_reaches_next_crls(self, setup: Setup) -> None:
+        register_device(setup.h, "D")
+        held = issue_device(setup.h, "D").certificate
+        active = issue_device(setup.h, "D").certificate
+        setup.revoke(held.serial_number, x509.ReasonFlags.certificate_hold)
+        setup.publisher.publish(setup.h.devices)
+        assert setup.due() is None and setup.due(delta=True) is None
+        both = {held.serial_number, active.serial_number}
+        store_good_responses(setup.h.db, both, setup.clock.now())
+        before, events = setup.marker(), events_of(setup.h.db, both)
+        devices = DeviceService(setup.h.db, setup.clock, revocation=setup.revocation)
+
+        done = devices.decommission("D", actor="t")
+
+        assert set(done.revoked) == {serial_hex(n) for n in both}
+        after = events_of(setup.h.db, both)
+        assert {s: after.get(s, 0) - events.get(s, 0) for s in map(serial_hex, both)} == {
+            serial_hex(n): 1 for n in both
+        }
+        assert setup.marker() == before + 1 and setup.marker("root") == 0
+        with session_scope(setup.h.db) as s:
+            assert OCSPResponseRepository(s).count() == 0
+        assert setup.due() == "revocations since the last CRL"
+        assert setup.due(delta=True) == "revocations since the last CRL"
+        assert serials(setup.publisher.publish(setup.h.devices, delta=True)) == both
+        full = setup.publisher.publish(setup.h.devices)
+        assert serials(full) == both
+        assert {
+            r.serial_number: r.extensions.get_extension_for_class(x509.CRLReason).value.reason
+            for r in x509.load_der_x509_crl(full.crl_der)
+        } == {n: x509.ReasonFlags.cessation_of_operation for n in both}
+
+    def test_bulk_key_compromise_revokes_certificates_on_hold(self, setup: Setup) -> None:
+        register_device(setup.h, "H", batch="LOT")
+        held = issue_device(setup.h, "H").certificate
+        setup.revoke(held.serial_number, x509.ReasonFlags.certificate_hold)
+        before = setup.marker()
+
+        result = setup.revocation.revoke_devices(batch="LOT", reason=KC, actor="t")
+
+        assert [(r.serial_hex, r.changed) for r in result.revoked] == [
+            (serial_hex(held.serial_number), True)
+        ]
+        assert setup.marker() == before + 1
+        with session_scope(setup.h.db) as s:
+            record = s.execute(
+                select(CertificateRecord).where(
+                    CertificateRecord.serial_hex == serial_hex(held.serial_number)
+                )
+            ).scalar_one()
+            assert (record.status, record.revocation_reason) == (
+                CertificateStatus.REVOKED,
+                "keyCompromise",
+            )
+            assert s.get(Device, "H").state is DeviceState.REVOKED

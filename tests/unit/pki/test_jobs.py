@@ -6,13 +6,15 @@ import datetime
 import threading
 from collections import Counter
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cryptography import x509
 from sqlalchemy import func, select
 
 from pki.crl_publisher import CRLPublisher
-from pki.jobs import BUSY, Jobs
+from pki.errors import ErrorKind, PKIError
+from pki.issuer import Issuer
+from pki.jobs import BUSY, CRLJob, Jobs
 from pki.ocsp_responder import OCSPPresigner, SignerSet
 from pki.revocation import RevocationService
 from pki.serial import serial_hex
@@ -130,6 +132,107 @@ class TestCRLJob:
             ).scalar_one()
         assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
         assert full == rounds  # each with its delta CRL when deltas are on
+
+    def test_delta_asked_while_full_crl_is_signed_is_refused(self, hierarchy: Hierarchy) -> None:
+        h = hierarchy
+        clock = MovableClock()
+        CRLPublisher(h.db, clock, h.config.ca.urls, lint_crls=False).publish(h.devices)
+        signing, release = threading.Event(), threading.Event()
+        full: list[CRLJob] = []
+        errors: list[BaseException] = []
+
+        class PausedFull(CRLPublisher):
+            """Stops in the signing of a full CRL until the test lets it go on."""
+
+            def _sign(self, issuer: Issuer, r: Any, now: datetime.datetime, **kw: Any) -> bytes:
+                if not r.is_delta:
+                    signing.set()
+                    assert release.wait(WAIT)
+                return super()._sign(issuer, r, now, **kw)
+
+        def publish_full() -> None:
+            db = Database(h.db.url)  # its own engine, as another process
+            try:
+                publisher = PausedFull(db, clock, h.config.ca.urls, lint_crls=False)
+                full.append(
+                    Jobs(db, clock).crl(publisher, "devices", lambda: h.devices, delta=False)
+                )
+            except BaseException as e:  # reported by the assertion below
+                errors.append(e)
+            finally:
+                db.dispose()
+
+        worker = threading.Thread(target=publish_full)
+        worker.start()
+        outcomes: Counter[str] = Counter()
+        other = Database(h.db.url)
+        try:
+            assert signing.wait(WAIT)
+            publisher = CRLPublisher(other, clock, h.config.ca.urls, lint_crls=False)
+            jobs = Jobs(other, clock)
+            try:
+                jobs.crl(publisher, "devices", lambda: h.devices, delta=True)
+                outcomes["published"] += 1
+            except PKIError as e:
+                assert e.kind is ErrorKind.UNAVAILABLE and "try again" in e.message
+                outcomes["refused"] += 1
+            done = jobs.crl(
+                publisher, "devices", lambda: h.devices, delta=True, when_due=(PERIOD, DELAY)
+            )
+            outcomes["published" if done.published is not None else str(done.why)] += 1
+        finally:
+            release.set()
+            worker.join(timeout=WAIT)
+            other.dispose()
+        assert not worker.is_alive() and errors == []
+        assert outcomes == Counter({"refused": 1, BUSY: 1}), outcomes
+        published = full[0].published
+        assert published is not None and published.delta is not None
+        with session_scope(h.db) as s:
+            served = CRLRepository(s).current_delta("devices")
+            assert served is not None and served.base_number == published.crl_number
+
+    def test_concurrent_full_and_delta_publishers_serve_a_delta_of_the_newest_full(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        h = hierarchy
+        clock = MovableClock()
+        rounds = 4
+
+        def publish(db: Database, delta: bool) -> Counter[str]:
+            publisher = CRLPublisher(db, clock, h.config.ca.urls, lint_crls=False)
+            jobs = Jobs(db, clock)
+            counts: Counter[str] = Counter()
+            for _ in range(rounds):
+                try:
+                    jobs.crl(publisher, "devices", lambda: h.devices, delta=delta)
+                    counts["delta" if delta else "full"] += 1
+                except PKIError as e:
+                    assert e.kind is ErrorKind.UNAVAILABLE, e
+                    counts["refused"] += 1
+            return counts
+
+        CRLPublisher(h.db, clock, h.config.ca.urls, lint_crls=False).publish(h.devices)
+        kinds = iter([False, True])
+        lock = threading.Lock()
+
+        def work(db: Database) -> Counter[str]:
+            with lock:
+                delta = next(kinds)
+            return publish(db, delta)
+
+        outcomes = sum(at_once(h.db.url, 2, work), Counter())
+        assert sum(outcomes.values()) == 2 * rounds, outcomes
+        with session_scope(h.db) as s:
+            repo = CRLRepository(s)
+            newest = repo.latest("devices", is_delta=False)
+            served = repo.current_delta("devices")
+            fulls = s.execute(
+                select(func.count()).select_from(CRLRecord).where(CRLRecord.is_delta.is_(False))
+            ).scalar_one()
+        assert fulls == 1 + outcomes["full"]
+        assert newest is not None and served is not None
+        assert served.base_number == newest.crl_number
 
 
 class TestPresignJob:
