@@ -8,6 +8,7 @@ database does not know.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -40,6 +41,7 @@ from pki.store import (
     audit,
     session_scope,
 )
+from pki.store.device_lock import try_device_lock
 from pki.store.repository import CertificateRepository, DuplicateSerial
 
 SERIAL_ATTEMPTS = 5
@@ -307,12 +309,20 @@ class IssuanceService:
         )
 
     def abandon_stale(self, max_age: datetime.timedelta, *, actor: str) -> list[str]:
-        """Marks pending rows older than max_age abandoned, each audited; returns their serials."""
+        """Marks pending rows older than max_age abandoned, each audited; returns their serials.
+
+        A row whose device's enrollment lock is held is left alone: a live request is working
+        on it (it may be signing it right now)."""
         now = self.clock.now()
         done: list[str] = []
-        with session_scope(self.db) as session:
+        # The locks close after the transaction commits: no request sees a row in between.
+        with contextlib.ExitStack() as locks, session_scope(self.db) as session:
             repo = CertificateRepository(session)
             for record in repo.stale_pending(now - max_age):
+                if record.device_id is not None and not try_device_lock(
+                    locks, session, self.db, record.device_id
+                ):
+                    continue
                 if repo.abandon(record.id):
                     audit.append(
                         session,

@@ -30,7 +30,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from pki.errors import conflict
+from pki.errors import PKIError, conflict
 from pki.store.db import Database, session_scope, sqlite_path
 from pki.store.models import Device
 
@@ -127,3 +127,23 @@ def device_lock(db: Database, device_id: str) -> Iterator[Session]:
                 raise _busy(device_id) from None
             raise
         yield session
+
+
+def try_device_lock(
+    locks: contextlib.ExitStack, session: Session, db: Database, device_id: str
+) -> bool:
+    """Takes a device's enrollment lock for a sweep, if free: False while a request holds it.
+
+    The lock lasts until `locks` closes (SQLite) or the session's transaction ends
+    (PostgreSQL), so a sweep never changes a row that a live request is working on."""
+    if db.is_sqlite:
+        try:
+            locks.enter_context(_FILE_LOCKS.hold(_lock_path(db), device_id))
+        except PKIError:
+            return False
+        return True
+    return bool(
+        session.execute(
+            select(func.pg_try_advisory_xact_lock(_ADVISORY_CLASS, _key(device_id)))
+        ).scalar_one()
+    )

@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from pki.errors import ErrorKind, PKIError, internal, not_found
+from pki.errors import ErrorKind, PKIError, conflict, not_found
 from pki.store.models import CertificateRecord, CertificateStatus, IssuerRecord
 
 
@@ -125,11 +125,19 @@ class CertificateRepository:
     def mark_issued(
         self, record_id: int, *, cert_der: bytes, fingerprint_sha256: str, at: datetime.datetime
     ) -> None:
-        """Stores the signed certificate of a pending record in one UPDATE (no load first)."""
+        """Stores the signed certificate of a pending record in one UPDATE (no load first).
+
+        A row a sweep marked abandoned while its request was still signing is recorded as
+        issued too: a signed certificate is always recorded (record-before-sign), and
+        "abandoned" means never signed. Any other state is a conflict the client may retry."""
         result = self.session.execute(
             update(CertificateRecord)
             .where(CertificateRecord.id == record_id)
-            .where(CertificateRecord.status == CertificateStatus.PENDING)
+            .where(
+                CertificateRecord.status.in_(
+                    [CertificateStatus.PENDING, CertificateStatus.ABANDONED]
+                )
+            )
             .values(
                 status=CertificateStatus.ISSUED,
                 cert_der=cert_der,
@@ -139,7 +147,7 @@ class CertificateRepository:
             .execution_options(synchronize_session=False)
         )
         if int(getattr(result, "rowcount", 0) or 0) != 1:
-            raise internal(f"certificate record {record_id} is not pending")
+            raise conflict(f"certificate record {record_id} is no longer pending; retry later")
 
     def pending_of_device(self, device_id: str) -> Sequence[CertificateRecord]:
         """Lists a device's pending rows, newest first."""

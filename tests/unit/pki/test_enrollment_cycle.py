@@ -11,6 +11,7 @@ from cryptography import x509
 from sqlalchemy import func, select
 
 from pki.clock import FixedClock, SystemClock
+from pki.csr import check_request, load_csr
 from pki.device import DeviceService
 from pki.enrollment import Enrolled, EnrollmentService
 from pki.errors import ErrorKind, PKIError
@@ -29,6 +30,7 @@ from pki.store import (
 )
 from pki.store.device_lock import device_lock
 from pki.store.enrollment_models import AuthFailure, EnrollmentSecret, SecretState
+from pki.store.repository import CertificateRepository
 from pki.store.revocation_models import CertificateState
 from tests.csrs import der, device_csr
 from tests.unit.pki.conftest import Hierarchy
@@ -60,7 +62,12 @@ class CrashOnce:
 
 
 def _service(
-    h: Hierarchy, *, crash: str | None = None, clock: Any = None, **est_changes: Any
+    h: Hierarchy,
+    *,
+    crash: str | None = None,
+    clock: Any = None,
+    hook: Any = None,
+    **est_changes: Any,
 ) -> EnrollmentService:
     clock = clock or SystemClock()
     est = load_est_config(h.config).model_copy(update=est_changes)
@@ -70,7 +77,7 @@ def _service(
         clock=clock,
         config=h.config,
         est=est,
-        issuance=IssuanceService(h.db, clock, h.config.ca.urls, hook=CrashOnce(crash)),
+        issuance=IssuanceService(h.db, clock, h.config.ca.urls, hook=hook or CrashOnce(crash)),
         issuers=_Issuers(h),
         devices=devices,
         revocation=RevocationService(h.db, clock),
@@ -233,6 +240,60 @@ class TestConcurrency:
 
 
 class TestSweep:
+    def test_sweep_leaves_the_row_of_a_device_whose_lock_is_held(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        service = _service(hierarchy, crash="pending")
+        secret = _register(service, "DEV-1")
+        csr, _ = device_csr("DEV-1")
+        with pytest.raises(Crash):
+            service.enroll(der(csr), None, _basic("DEV-1", secret))
+        ((serial, _),) = _statuses(hierarchy.db, "DEV-1")
+        later = FixedClock(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2))
+        with device_lock(hierarchy.db, "DEV-1"):
+            assert _service(hierarchy, clock=later).sweep_pending() == []
+        assert _statuses(hierarchy.db, "DEV-1") == [(serial, CertificateStatus.PENDING)]
+        assert _actions(hierarchy.db, "certificate.abandoned") == 0
+        assert _service(hierarchy, clock=later).sweep_pending() == [serial]
+
+    def test_sweep_during_a_live_request_past_the_pending_age_skips_it(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        later = FixedClock(datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=2))
+        swept: list[list[str]] = []
+
+        def sweep_while_signing(step: str, record_id: int) -> None:
+            del record_id
+            if step == "pending":  # the request is stuck here past pending_max_age
+                swept.append(_service(hierarchy, clock=later).sweep_pending())
+
+        service = _service(hierarchy, hook=sweep_while_signing)
+        secret = _register(service, "DEV-1")
+        done = _enroll(service, der(device_csr("DEV-1")[0]), "DEV-1", secret)
+        assert swept == [[]]
+        assert _statuses(hierarchy.db, "DEV-1") == [(done.serial_hex, CertificateStatus.ISSUED)]
+        assert _actions(hierarchy.db, "certificate.abandoned") == 0
+
+    def test_row_abandoned_while_signing_is_recorded_as_issued(self, hierarchy: Hierarchy) -> None:
+        # A sweep that abandoned the row between pending and signed (one that took no device
+        # lock: a row of no device): the signed certificate is still recorded.
+        def abandon(step: str, record_id: int) -> None:
+            if step == "pending":
+                with session_scope(hierarchy.db) as s:
+                    assert CertificateRepository(s).abandon(record_id)
+
+        issuance = IssuanceService(
+            hierarchy.db, SystemClock(), hierarchy.config.ca.urls, hook=abandon
+        )
+        profile = hierarchy.config.profile("device")
+        request = check_request(load_csr(der(device_csr("DEV-9")[0])), profile)
+        issued = issuance.issue(hierarchy.devices, profile, request, actor="t")
+        with session_scope(hierarchy.db) as s:
+            record = CertificateRepository(s).get(issued.record_id)
+            assert record.status is CertificateStatus.ISSUED
+            assert record.cert_der == issued.cert_der
+        assert _actions(hierarchy.db, "certificate.issued") >= 1
+
     def test_stale_pending_rows_abandoned_and_audited(self, hierarchy: Hierarchy) -> None:
         service = _service(hierarchy, crash="pending")
         secret = _register(service, "DEV-1")
