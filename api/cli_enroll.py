@@ -262,7 +262,7 @@ def enrollment_sweep(ctx: click.Context) -> None:
     click.echo(f"{len(revoked)} superseded certificate(s) revoked")
     click.echo(f"{len(abandoned)} stale pending certificate row(s) abandoned")
     pruned = service.devices.throttle.prune(rt.clock.now())
-    click.echo(f"{pruned} stale failed-login counter(s) removed")
+    click.echo(f"{pruned} idle login-throttle counter(s) removed")
 
 
 # --- servers --------------------------------------------------------------------------
