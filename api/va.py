@@ -25,6 +25,7 @@ from api.runtime import Runtime, domain_error
 from pki.errors import ErrorKind, PKIError
 from pki.ocsp import CertStatus, SingleAnswer, build_response
 from pki.ocsp_responder import (
+    NO_SIGNER,
     OCSPAnswer,
     OCSPResponder,
     OCSPResponderConfig,
@@ -275,7 +276,10 @@ def create_va_app(runtime: Runtime, config: OCSPResponderConfig | None = None) -
             try:
                 signers = live_signing(va)
                 report["ocsp_signers"] = signers
-                healthy = any(v == "ok" for v in signers.values())
+                # Each issuer with a signer must sign live; one without any is no failure.
+                healthy = any(v == "ok" for v in signers.values()) and all(
+                    v in ("ok", NO_SIGNER) for v in signers.values()
+                )
             except PKIError as exc:  # the database failed while the signers reloaded
                 report["ocsp_signers"] = f"unavailable: {exc.message}"
                 healthy = False

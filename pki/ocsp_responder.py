@@ -148,6 +148,10 @@ def _stored_status(status: CertificateStatus) -> str:
     return "revoked" if status is CertificateStatus.REVOKED else "good"
 
 
+# Why an issuer has no signer when it has no signer certificate at all (not a failure of one).
+NO_SIGNER = "no valid OCSP signer certificate with a key in the token"
+
+
 class SignerSet:
     """SignerSet knows every issuer's CertID hashes and holds each issuer's newest OCSP signer.
 
@@ -204,7 +208,7 @@ class SignerSet:
                 unusable = True
         for issuer_id in matchers:
             if issuer_id not in signers and issuer_id not in problems:
-                problems[issuer_id] = "no valid OCSP signer certificate with a key in the token"
+                problems[issuer_id] = NO_SIGNER
         self._matchers, self._signers, self.problems = matchers, signers, problems
         self._loaded_at = now
         due = [now + self.reload_every]

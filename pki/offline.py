@@ -235,17 +235,21 @@ class ImportService:
             serial = serial_hex(response.serial_number)
             cert = CertificateRepository(session).by_serial(serial, record.id)
             status = response.certificate_status.name.lower()
-            session.merge(
-                OCSPResponseRecord(
-                    certificate_id=cert.id,
-                    issuer_id=record.id,
-                    serial_hex=serial,
-                    status=status,
-                    this_update=response.this_update_utc,
-                    next_update=response.next_update_utc,
-                    signer_serial_hex=serial_hex(signer.serial_number),
-                    response_der=resp_der,
-                )
+            # An upsert, not a read-then-write merge: a pre-signing run writing the same
+            # certificate's response at once must not make either fail on the primary key.
+            OCSPResponseRepository(session).put_all(
+                [
+                    OCSPResponseRecord(
+                        certificate_id=cert.id,
+                        issuer_id=record.id,
+                        serial_hex=serial,
+                        status=status,
+                        this_update=response.this_update_utc,
+                        next_update=response.next_update_utc,
+                        signer_serial_hex=serial_hex(signer.serial_number),
+                        response_der=resp_der,
+                    )
+                ]
             )
             audit.append(
                 session,

@@ -163,3 +163,42 @@ class TestCompleteChecksStanding:
         )
         assert issued is not None and issued.serial == int(row.serial_hex, 16)
         assert not still_pending(hierarchy, row)
+
+
+class TestRetirement:
+    def test_retired_issuer_issues_nothing_and_refusal_is_audited(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        issue(hierarchy, hierarchy.issuance, "KEEP-1")
+        now = datetime.datetime.now(datetime.UTC)
+        issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        before = certificates(hierarchy)
+        with pytest.raises(PKIError) as refused:
+            issue(hierarchy, hierarchy.issuance, "AFTER-2")
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert refused.value.message.startswith("issuer devices is retired since ")
+        assert refused.value.message.endswith(": it issues nothing")
+        assert certificates(hierarchy) == before
+        with session_scope(hierarchy.db) as s:
+            actions = list(
+                s.execute(
+                    select(AuditEvent.action, AuditEvent.target).where(
+                        AuditEvent.action.in_(["issuer.retired", "refused.issuance"])
+                    )
+                )
+            )
+        assert [tuple(a) for a in actions] == [
+            ("issuer.retired", "devices"),
+            ("refused.issuance", "devices"),
+        ]
+        assert list(issuer_standing.problems(hierarchy.db, now, ["devices", "root"])) == ["devices"]
+
+    def test_retire_twice_or_unknown_is_refused(self, hierarchy: Hierarchy) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        with pytest.raises(PKIError) as twice:
+            issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        assert twice.value.kind is ErrorKind.CONFLICT
+        with pytest.raises(PKIError) as unknown:
+            issuer_standing.retire(hierarchy.db, now, "nope", actor="admin")
+        assert unknown.value.kind is ErrorKind.NOT_FOUND

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import datetime
+import threading
+
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509 import ocsp
+from sqlalchemy import insert
 
 from pki.clock import SystemClock
 from pki.config import CeremonyConfig
 from pki.errors import ErrorKind, PKIError
 from pki.offline import ImportService, intermediate_csr, sign_intermediate
-from pki.store import Database
+from pki.serial import serial_hex
+from pki.store import Database, session_scope
+from pki.store.repository import CertificateRepository
+from pki.store.revocation_models import OCSPResponseRecord, OCSPResponseRepository
 from tests.conftest import CONFIG_DIR
 from tests.unit.pki.conftest import Hierarchy, build_hierarchy
+from tests.unit.pki.test_crl_marker import wait_for_lock_waiters
 
 
 def _ceremony(h: Hierarchy, name: str = "devices") -> CeremonyConfig:
@@ -147,3 +156,73 @@ class TestImport:
                 key_uri="memory:x",
                 actor="t",
             )
+
+
+class TestOCSPImport:
+    def test_import_beside_a_concurrent_writer_of_the_same_response(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        h = hierarchy
+        if h.db.is_sqlite:
+            pytest.skip("SQLite has one writer at a time: no two writers of one row")
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        subject = h.devices.certificate
+        response_der = (
+            ocsp.OCSPResponseBuilder()
+            .add_response(
+                cert=subject,
+                issuer=h.root.certificate,
+                algorithm=hashes.SHA1(),  # noqa: S303 RFC 5019 CertIDs use SHA-1
+                cert_status=ocsp.OCSPCertStatus.GOOD,
+                this_update=now,
+                next_update=now + datetime.timedelta(days=1),
+                revocation_time=None,
+                revocation_reason=None,
+            )
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, h.root.certificate)
+            .sign(h.root.key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.DER)
+        )
+        serial = serial_hex(subject.serial_number)
+        with session_scope(h.db) as s:
+            certificate_id = CertificateRepository(s).by_serial(serial, "root").id
+        # A pre-signing run writes the same certificate's response and has not committed yet.
+        holder = h.db.engine.connect()
+        holder.begin()
+        holder.execute(
+            insert(OCSPResponseRecord).values(
+                certificate_id=certificate_id,
+                issuer_id="root",
+                serial_hex=serial,
+                status="good",
+                this_update=now,
+                next_update=now + datetime.timedelta(hours=1),
+                signer_serial_hex="00",
+                response_der=b"other",
+            )
+        )
+        results: list[object] = []
+
+        def run() -> None:
+            db = Database(h.db.url)  # its own engine, as another process
+            try:
+                results.append(
+                    ImportService(db, SystemClock()).ocsp_response(response_der, actor="t")
+                )
+            except BaseException as e:  # counted below
+                results.append(e)
+            finally:
+                db.dispose()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            wait_for_lock_waiters(h.db, 1)
+            holder.commit()
+        finally:
+            holder.close()
+            worker.join(timeout=60)
+        assert not worker.is_alive()
+        assert results == [("root", serial, "good")]
+        with session_scope(h.db) as s:
+            assert OCSPResponseRepository(s).of_issuer("root") == [(serial, response_der)]
