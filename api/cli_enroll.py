@@ -92,6 +92,24 @@ def device_add(
     click.echo(f"device {info.device_id} registered (enrolls with a {how})")
 
 
+@device.command("bind")
+@click.argument("device_id")
+@click.option(
+    "--manufacturer",
+    required=True,
+    metavar="SHA256",
+    help="The SHA-256 fingerprint of the manufacturer's anchor certificate.",
+)
+@click.pass_context
+def device_bind(ctx: click.Context, device_id: str, manufacturer: str) -> None:
+    """Bind a device registered before bindings existed to its manufacturer's IDevID."""
+    from pki import binding
+
+    rt = _runtime(ctx)
+    binding.bind_manufacturer(rt.db, rt.clock.now(), device_id, manufacturer, actor=_actor())
+    click.echo(f"device {device_id} bound to its manufacturer's IDevID")
+
+
 @device.command("import")
 @click.argument("csv_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.pass_context

@@ -11,11 +11,11 @@ from __future__ import annotations
 import datetime
 import re
 
-from pki.errors import ErrorKind, PKIError, bad_request
+from pki.errors import ErrorKind, PKIError, bad_request, conflict
 from pki.idevid import IDevID
-from pki.store import Device, audit
+from pki.store import Database, Device, audit, session_scope
 from pki.store.enrollment_models import DeviceBinding, EnrollMethod
-from pki.store.enrollment_repository import BindingRepository, session_of
+from pki.store.enrollment_repository import BindingRepository, DeviceRepository, session_of
 
 _SHA256_RE = re.compile(r"^(?:[0-9a-f]{2}:?){31}[0-9a-f]{2}$")
 
@@ -97,3 +97,29 @@ def bind(
             "manufacturer": idevid.anchor_subject,
         },
     )
+
+
+def bind_manufacturer(
+    db: Database, now: datetime.datetime, device_id: str, manufacturer: str, *, actor: str
+) -> str:
+    """Binds a device that has no binding to one manufacturer's IDevID; the fingerprint."""
+    anchor = manufacturer_fingerprint(manufacturer)
+    with session_scope(db) as session:
+        DeviceRepository(session).get(device_id, for_update=True)
+        repo = BindingRepository(session)
+        if repo.find(device_id) is not None:
+            raise conflict(f"device {device_id} is already bound to how it enrolls")
+        repo.add(
+            DeviceBinding(
+                device_id=device_id, method=EnrollMethod.IDEVID, manufacturer_sha256=anchor
+            )
+        )
+        audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="device.bound",
+            target=device_id,
+            details={"method": EnrollMethod.IDEVID.value, "manufacturer_sha256": anchor},
+        )
+    return anchor

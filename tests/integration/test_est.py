@@ -766,6 +766,20 @@ class TestCLI:
         assert result.returncode != 0
         assert "--out" in result.stderr
 
+    def test_bind_refuses_a_bound_or_unknown_device(self, front: CAFront) -> None:
+        front.ca.pki("device", "add", "CLI-0003")  # bound to secrets
+        fingerprint = "ab" * 32
+        bound = front.ca.pki(
+            "device", "bind", "CLI-0003", "--manufacturer", fingerprint, check=False
+        )
+        assert bound.returncode != 0 and "already bound" in bound.stderr
+        assert "Traceback" not in bound.stderr
+        unknown = front.ca.pki(
+            "device", "bind", "NOPE-0003", "--manufacturer", fingerprint, check=False
+        )
+        assert unknown.returncode == 3 and "NOPE-0003" in unknown.stderr
+        assert '"enroll_method": "secret"' in front.ca.pki("device", "show", "CLI-0003").stdout
+
     def test_import_names_offending_lines(self, front: CAFront) -> None:
         path = front.work / "bad.csv"
         path.write_text("id,model\nIMP-1,m\nnot valid!,m\n")

@@ -15,6 +15,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import NameOID
 from sqlalchemy import func, select
 
+from pki import binding as bindings
 from pki.clock import SystemClock
 from pki.device import DeviceService
 from pki.enrollment import Enrolled, EnrollmentService
@@ -226,6 +227,16 @@ class TestBinding:
         with service.db.read_session() as session:
             assert session.get(DeviceBinding, "OLD-1") is None
         assert _ocsp(hierarchy, genuine) is ocsp.OCSPCertStatus.GOOD
+        # An operator binds it to its manufacturer (pki device bind): then that one only.
+        bindings.bind_manufacturer(service.db, NOW, "OLD-1", sha256_hex(ACME[0]), actor="t")
+        assert "another manufacturer" in _refused(service, "OLD-1", _tls(_idevid(OTHER, "OLD-1")))
+        assert _enroll(service, "OLD-1", _tls(_idevid(ACME, "OLD-1"))).method == "idevid"
+        for device_id, kind in (("OLD-1", ErrorKind.CONFLICT), ("NOPE-1", ErrorKind.NOT_FOUND)):
+            with pytest.raises(PKIError) as e:
+                bindings.bind_manufacturer(
+                    service.db, NOW, device_id, sha256_hex(ACME[0]), actor="t"
+                )
+            assert e.value.kind is kind
 
     def test_csv_import_binds_every_new_device(
         self, service: EnrollmentService, hierarchy: Hierarchy
