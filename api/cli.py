@@ -22,6 +22,7 @@ from api import (
     cli_broker,
     cli_enroll,
     cli_factory,
+    cli_issuer,
     cli_offline,
     cli_revoke,
     cli_scheduler,
@@ -587,8 +588,10 @@ def issuer_list(ctx: click.Context) -> None:
     rt = _runtime(ctx)
     with session_scope(rt.db) as session:
         for r in IssuerRepository(session).all():
+            retired = f" (retired {r.retired_at:%Y-%m-%dT%H:%M:%SZ})" if r.retired_at else ""
             click.echo(
-                f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} {escape(r.subject)}"
+                f"{r.id:<12} {r.kind:<13} {r.fingerprint_sha256 or 'pending'} "
+                f"{escape(r.subject)}{retired}"
             )
 
 
@@ -636,6 +639,7 @@ cli_broker.register(main)
 cli_factory.register(main)
 cli_scheduler.register(main)
 cli_offline.register(main, ceremony, issuer_group, init_dev_token)
+cli_issuer.register(issuer_group)
 
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from api.cli_actor import actor as _actor
 from api.escape import escape
@@ -15,6 +17,7 @@ from api.runtime import Runtime
 from pki.errors import ErrorKind, PKIError
 from pki.est_config import ESTConfig, anchor_paths, load_est_config
 from pki.store import DeviceState
+from pki.store.repository import IssuerRepository
 
 GUNICORN_CONFIG = Path(__file__).resolve().parent.parent / "scripts" / "gunicorn_ca.py"
 
@@ -259,7 +262,7 @@ def enrollment_sweep(ctx: click.Context) -> None:
     click.echo(f"{len(revoked)} superseded certificate(s) revoked")
     click.echo(f"{len(abandoned)} stale pending certificate row(s) abandoned")
     pruned = service.devices.throttle.prune(rt.clock.now())
-    click.echo(f"{pruned} stale failed-login counter(s) removed")
+    click.echo(f"{pruned} idle login-throttle counter(s) removed")
 
 
 # --- servers --------------------------------------------------------------------------
@@ -268,6 +271,20 @@ def enrollment_sweep(ctx: click.Context) -> None:
 @click.group()
 def serve() -> None:
     """Run the servers."""
+
+
+def _own_client_cas(rt: Runtime) -> Path:
+    """Writes certs/client-cas.pem: the store's issuer certificates that are still valid."""
+    now = rt.clock.now()
+    with rt.db.read_session() as session:
+        ders = [r.cert_der for r in IssuerRepository(session).all() if r.cert_der is not None]
+    certificates = [x509.load_der_x509_certificate(d) for d in ders]
+    valid = [c for c in certificates if c.not_valid_after_utc > now]
+    if not valid:
+        raise PKIError(ErrorKind.CONFIG, "no issuer certificate in the store: run a ceremony")
+    path = rt.data_dir / "certs" / "client-cas.pem"
+    path.write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in valid))
+    return path
 
 
 @serve.command("ca")
@@ -300,15 +317,18 @@ def serve_ca(
     est = _est(rt)
     cert = certfile or rt.path(est.tls_certfile)
     key = keyfile or rt.path(est.tls_keyfile)
-    # Client certificates verify against our own CAs (re-enrollment) and the manufacturers'
-    # anchors (IDevID); the app then checks which one a label accepts.
-    client_cas = [rt.data_dir / "certs" / "chain.pem", *anchor_paths(est, rt.data_dir)]
-    for path in (cert, key, *client_cas):
+    anchors = anchor_paths(est, rt.data_dir)
+    for path in (cert, key, *anchors):
         if not path.is_file():
             raise PKIError(ErrorKind.CONFIG, f"{path}: file not found")
     if not rt.db.has_schema():
         raise PKIError(ErrorKind.CONFIG, "the database has no schema: run 'pki db upgrade'")
     rt.db.upgrade()  # adds tables of newer migrations (idempotent)
+    # Client certificates verify against our own CAs (re-enrollment) and the manufacturers'
+    # anchors (IDevID); the app then checks which one a label accepts. Our own are every
+    # issuer in the store whose certificate is still valid, retired ones too: after a
+    # rollover, devices holding a certificate of the old issuer re-enroll onto the new one.
+    client_cas = [_own_client_cas(rt), *anchors]
     env = dict(os.environ)
     env.update(
         {

@@ -19,6 +19,7 @@ from api.auth import ProxyNetworks, client_address, client_identity
 from api.errors import status_for
 from pki.errors import PKIError
 from pki.identity import ClientIdentity
+from pki.naming import NAME_MISMATCH
 from pki.refusal import RefusalKind, RefusalRecorder
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ def est_kind(
         return RefusalKind.LOGIN if has_credentials else None
     if status == 403:
         return RefusalKind.IDENTITY
+    if status == 400 and detail is not None and detail.startswith(NAME_MISMATCH):
+        return RefusalKind.IDENTITY  # a CSR naming what the CA does not write for the device
     return None
 
 

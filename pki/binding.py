@@ -35,9 +35,22 @@ def manufacturer_fingerprint(text: str) -> str:
     return value.replace(":", "")
 
 
-def check(device_id: str, binding: DeviceBinding | None, idevid: IDevID | None) -> None:
-    """Refuses an initial enrollment the binding does not allow (None idevid: a secret)."""
+def check(
+    device_id: str, binding: DeviceBinding | None, idevid: IDevID | None, *, new: bool = False
+) -> None:
+    """Refuses an initial enrollment the binding does not allow (None idevid: a secret).
+
+    `new`: the device joins the registry by this enrollment (a label's auto-registration).
+    """
     if binding is None:
+        # A device registered before bindings were recorded may have enrolled by any
+        # means: an IDevID that merely names it proves nothing, so only a device new to
+        # the registry is bound by its first IDevID. A secret was drawn by an operator.
+        if idevid is not None and not new:
+            raise _forbidden(
+                f"device {device_id} has no enrollment binding: an operator registers its "
+                "manufacturer or draws a secret for it"
+            )
         return  # bound by this enrollment
     if idevid is None:
         if binding.method is not EnrollMethod.SECRET:
@@ -51,13 +64,15 @@ def check(device_id: str, binding: DeviceBinding | None, idevid: IDevID | None) 
         raise _forbidden(f"device {device_id} is bound to another manufacturer certificate")
 
 
-def bind(device: Device, idevid: IDevID | None, now: datetime.datetime) -> None:
+def bind(
+    device: Device, idevid: IDevID | None, now: datetime.datetime, *, new: bool = False
+) -> None:
     """Checks and records the binding in the enrollment's transaction (device row locked)."""
     session = session_of(device)
     device_id = device.id
     repo = BindingRepository(session)
     binding = repo.find(device_id)
-    check(device_id, binding, idevid)
+    check(device_id, binding, idevid, new=new)
     if binding is None:
         method = EnrollMethod.SECRET if idevid is None else EnrollMethod.IDEVID
         binding = repo.add(DeviceBinding(device_id=device_id, method=method))

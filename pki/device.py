@@ -672,6 +672,7 @@ class DeviceService:
         now = self.clock.now()
         repo = DeviceRepository(session)
         device = repo.find(device_id, for_update=True)
+        new = device is None
         if device is None:
             if not register:
                 raise forbidden(f"device {device_id} is not registered")
@@ -691,7 +692,7 @@ class DeviceService:
             raise forbidden(f"device {device_id} is {device.state.value}: it cannot enroll")
         if secret_id is not None or idevid is not None:
             # Re-enrollment (neither) is by the device's own certificate: no binding applies.
-            bindings.bind(device, idevid, now)
+            bindings.bind(device, idevid, now, new=new)
         if secret_id is not None:
             if not SecretRepository(session).consume(secret_id, now, certificate_id):
                 raise unauthorized(BAD_SECRET)

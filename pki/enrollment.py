@@ -31,7 +31,7 @@ from pki.config import ConfigSet, ProfileConfig
 from pki.csr import CertificateRequest, check_request, load_csr, subject_text
 from pki.device import BAD_SECRET, Authenticated, DeviceService, forbidden, unauthorized
 from pki.enrollment_cycle import EnrollmentCycle, Grant
-from pki.errors import ErrorKind, PKIError, bad_request, not_found
+from pki.errors import ErrorKind, PKIError, bad_request, internal, not_found
 from pki.est_config import ESTConfig, LabelConfig
 from pki.identity import ClientIdentity
 from pki.idevid import IDevID
@@ -444,7 +444,8 @@ class EnrollmentService:
         # DESIGN.md invariant 3: the subject and SAN come from the registry record of the
         # authenticated device; the CSR can only repeat them.
         if profile.identity is None:
-            return request
+            # est.toml refuses such a label at load; never the CSR's own names.
+            raise internal(f"profile {profile.name} has no [identity]: nothing is issued")
         found = self.devices.find(device_id)
         record = DeviceRecord(device_id)
         if found is not None:

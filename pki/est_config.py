@@ -185,6 +185,13 @@ def load_est_config(config: ConfigSet, path: Path | None = None) -> ESTConfig:
             raise config_error(
                 f"{path}: labels.{name}.profile: {label.profile} names no device_id_attribute"
             )
+        if profile.identity is None:
+            # DESIGN.md invariant 3: a device certificate's names come from the registry;
+            # without [identity] they would be the ones the CSR chose.
+            raise config_error(
+                f"{path}: labels.{name}.profile: {label.profile} has no [identity] section "
+                "(the subject and SAN the CA writes for a device)"
+            )
     return est
 
 

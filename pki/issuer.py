@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.types import (
     CertificatePublicKeyTypes,
 )
 
-from pki import lint
+from pki import issuer_standing, lint
 from pki.clock import Clock
 from pki.config import ProfileConfig, URLConfig
 from pki.csr import CertificateRequest, subject_text
@@ -233,6 +233,8 @@ class IssuanceService:
                         problem := revocation_problem(certificates, issuer.issuer_id, own)
                     ):
                         raise unfit(problem)
+                    if problem := issuer_standing.retirement_problem(session, issuer.issuer_id):
+                        raise issuer_standing.Retired(problem)
                     record = certificates.add_pending(
                         issuer_id=issuer.issuer_id,
                         serial_hex=serial_hex(serial),
@@ -263,6 +265,8 @@ class IssuanceService:
                     record_id = record.id
             except DuplicateSerial:
                 continue  # a serial collision: draw again
+            except issuer_standing.Retired as retired:
+                raise self._refused(issuer, profile, request, actor, str(retired)) from None
             break
         else:
             raise internal(f"no free serial number after {SERIAL_ATTEMPTS} attempts")
@@ -292,10 +296,26 @@ class IssuanceService:
         self._check_profile(issuer, profile)
         if record.status is not CertificateStatus.PENDING or record.issuer_id != issuer.issuer_id:
             return None
+        # The issue-time checks again: the issuer may have been revoked or expired since
+        # the row was recorded, and then it signs nothing (pki.issuer_standing).
+        own = getattr(issuer, "certificate", None)
+        if own is not None:
+            problem = expiry_problem(issuer.issuer_id, own, self.clock.now())
+            if problem is None:
+                with self.db.read_session() as session:
+                    problem = revocation_problem(
+                        CertificateRepository(session), issuer.issuer_id, own
+                    )
+            if problem is not None:
+                raise unfit(problem)
         serial = int(record.serial_hex, 16)
         builder, tbs, _pre = self._build(issuer, profile, request, serial, record.created_at, None)
         if tbs != record.tbs_der:
             return None
+        with self.db.read_session() as session:
+            problem = issuer_standing.retirement_problem(session, issuer.issuer_id)
+        if problem:
+            raise self._refused(issuer, profile, request, actor, problem)
         return self._sign_and_record(
             issuer, builder, tbs, record.id, serial, actor, issued_session, on_issued
         )
@@ -330,6 +350,19 @@ class IssuanceService:
                     )
                     done.append(record.serial_hex)
         return done
+
+    def _refused(
+        self,
+        issuer: Issuer,
+        profile: ProfileConfig,
+        request: CertificateRequest,
+        actor: str,
+        problem: str,
+    ) -> PKIError:
+        details: dict[str, object] = {"profile": profile.name, "device_id": request.device_id}
+        return issuer_standing.refused(
+            self.db, self.clock.now(), actor, issuer.issuer_id, problem, details
+        )
 
     def _check_profile(self, issuer: Issuer, profile: ProfileConfig) -> None:
         if issuer.profiles and profile.name not in issuer.profiles:

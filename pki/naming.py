@@ -13,7 +13,7 @@ from cryptography import x509
 
 from pki.config import ProfileConfig, SANTemplate, template_fields
 from pki.csr import SUBJECT_OIDS, CertificateRequest, normalize_sans, normalize_subject
-from pki.errors import internal, policy
+from pki.errors import ErrorKind, PKIError, internal
 from pki.issuer import describe_san
 
 _SAN_TYPES: dict[str, type[x509.DNSName | x509.UniformResourceIdentifier | x509.RFC822Name]] = {
@@ -22,6 +22,10 @@ _SAN_TYPES: dict[str, type[x509.DNSName | x509.UniformResourceIdentifier | x509.
     "email": x509.RFC822Name,
 }
 _OID_NAMES = {oid: short for short, oid in SUBJECT_OIDS.items()}
+
+# The audit detail of a CSR refused for naming what the CA does not write (a refusal of
+# kind identity); the rest of the detail names the field.
+NAME_MISMATCH = "CSR name mismatch"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,8 @@ def named_request(
     name = device_name(profile, record)
     problem = first_difference(request, name.subject, name.sans)
     if problem is not None:
-        raise policy(f"{problem} (profile {profile.name}, device {record.device_id})")
+        message = f"{problem} (profile {profile.name}, device {record.device_id})"
+        raise PKIError(ErrorKind.POLICY, message, detail=f"{NAME_MISMATCH}: {message}")
     return dataclasses.replace(request, subject=name.subject, sans=name.sans)
 
 

@@ -92,6 +92,9 @@ class IssuerRecord(Base):
     # issuer. The row lock of the update orders those transactions, so the values follow the
     # commit order: a CRL that read marker M holds every change up to M (pki/crl_publisher.py).
     revocation_marker: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # Set by `pki issuer retire`: the issuer signs nothing more; its CRLs and OCSP answers
+    # are still published for what it issued.
+    retired_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime)
 
 
 class CertificateRecord(Base):

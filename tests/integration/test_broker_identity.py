@@ -183,7 +183,10 @@ def test_device_publishes_only_under_its_own_id(sqlite_db: Database, tmp_path: P
     a_certs: list[tuple[str, tuple[Path, Path]]] = []
     outcomes = {}
     for i, (case, csr_args) in enumerate(ATTEMPTS):
-        secret = front.devices.new_secret("DEV-A", actor="test").secret
+        # Once DEV-A holds a certificate, each further try needs the admin's redraw (a reason).
+        secret = front.devices.new_secret(
+            "DEV-A", actor="test", may_redraw=True, reason="next identity attempt"
+        ).secret
         csr, key = device_csr("DEV-A", **csr_args)
         response = front.enroll("DEV-A", secret, der(csr))
         outcomes[case] = response.status_code

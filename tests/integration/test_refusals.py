@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509 import NameAttribute
+from cryptography.x509.oid import NameOID
 from flask.testing import FlaskClient
 from sqlalchemy import select
 
@@ -110,6 +112,34 @@ class TestRefusalAudit:
         (event,) = front.refusals()
         assert (event.action, event.target) == ("refused.identity", "MINE-1")
         assert secret not in event.details
+
+    def test_refusal_csr_naming_another_device_is_audited(
+        self, front: Front, dev_ca: DevCA
+    ) -> None:
+        dev_ca.pki("device", "add", "MINE-2")
+        secret = dev_ca.pki("device", "secret", "MINE-2", "--stdout").stdout.strip()
+        # Its own device ID, but the CN of another device: the CA writes CN=MINE-2 (400).
+        csr, _ = device_csr("MINE-2", extra=[NameAttribute(NameOID.COMMON_NAME, "THEIRS-2")])
+        token = base64.b64encode(f"MINE-2:{secret}".encode()).decode()
+        for _ in range(3):
+            r = front.client.post(
+                f"{EST}/simpleenroll",
+                data=base64.encodebytes(der(csr)),
+                headers={"Content-Type": "application/pkcs10", "Authorization": f"Basic {token}"},
+                environ_base={"REMOTE_ADDR": "127.0.0.13"},
+            )
+            assert r.status_code == 400, r.data
+        (event,) = front.refusals()  # three refusals in one minute: one event
+        assert (event.action, event.target) == ("refused.identity", "MINE-2")
+        assert event.actor == "client:127.0.0.13"
+        details = json.loads(event.details)
+        assert details["source"] == "127.0.0.13"
+        assert "subject attribute CN" in details["reason"]
+        assert secret not in event.details
+        front.clock.advance(datetime.timedelta(minutes=1))
+        assert RefusalRecorder(front.runtime.db, front.clock).flush() == 1
+        dev_ca.pki("audit", "checkpoint")
+        assert "audit log intact" in dev_ca.pki("audit", "verify").stdout
 
     def test_refusal_reenroll_with_a_foreign_certificate_is_audited(
         self, front: Front, tmp_path: Path

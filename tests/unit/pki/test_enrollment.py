@@ -598,6 +598,20 @@ class TestConfig:
         assert e.value.kind is ErrorKind.CONFIG
         assert str(path) in e.value.message and "labels.x.issuer" in e.value.message
 
+    def test_label_whose_profile_has_no_identity_refused(
+        self, hierarchy: Hierarchy, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Without [identity] the certificate would carry whatever names the CSR chose.
+        bare = hierarchy.config.profiles["device"].model_copy(update={"identity": None})
+        monkeypatch.setitem(hierarchy.config.profiles, "device", bare)
+        path = tmp_path / "est.toml"
+        path.write_text('[labels.x]\nissuer = "devices"\nprofile = "device"\nauth = ["basic"]\n')
+        with pytest.raises(PKIError) as e:
+            load_est_config(hierarchy.config, path)
+        assert e.value.kind is ErrorKind.CONFIG
+        assert str(path) in e.value.message and "labels.x.profile" in e.value.message
+        assert "[identity]" in e.value.message
+
     def test_idevid_without_anchors_refused(self, hierarchy: Hierarchy, tmp_path: Any) -> None:
         path = tmp_path / "est.toml"
         path.write_text('[labels.x]\nissuer = "devices"\nprofile = "device"\nauth = ["idevid"]\n')

@@ -212,6 +212,21 @@ class TestBinding:
         assert "another manufacturer certificate" in message
         assert _ocsp(hierarchy, genuine) is ocsp.OCSPCertStatus.GOOD
 
+    def test_unbound_existing_device_is_not_claimed_by_an_idevid(
+        self, service: EnrollmentService, hierarchy: Hierarchy
+    ) -> None:
+        # A device enrolled before bindings were recorded has no binding row: any trusted
+        # manufacturer's IDevID naming it must not take it over.
+        genuine = _enroll(service, "OLD-1", _tls(_idevid(ACME, "OLD-1")))
+        with session_scope(service.db) as session:
+            session.delete(session.get(DeviceBinding, "OLD-1"))
+        for maker in (ACME, OTHER):
+            refused = _refused(service, "OLD-1", _tls(_idevid(maker, "OLD-1")))
+            assert "no enrollment binding" in refused
+        with service.db.read_session() as session:
+            assert session.get(DeviceBinding, "OLD-1") is None
+        assert _ocsp(hierarchy, genuine) is ocsp.OCSPCertStatus.GOOD
+
     def test_csv_import_binds_every_new_device(
         self, service: EnrollmentService, hierarchy: Hierarchy
     ) -> None:

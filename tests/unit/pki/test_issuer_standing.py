@@ -99,3 +99,106 @@ class TestIssuerStanding:
     def test_issuer_standing_good_issuer_has_no_problem(self, hierarchy: Hierarchy) -> None:
         now = datetime.datetime.now(datetime.UTC)
         assert issuer_standing.problems(hierarchy.db, now, ["devices", "root"]) == {}
+
+
+class _Interrupted(Exception):
+    """The request stops after its row is recorded pending, before the signature."""
+
+
+def pending_row(h: Hierarchy, device_id: str) -> tuple[object, CertificateRecord]:
+    """Leaves a pending row for device_id as a failed request does; its request and the row."""
+
+    def stop(step: str, record_id: int) -> None:
+        if step == "pending":
+            raise _Interrupted
+
+    failing = IssuanceService(h.db, MovableClock(), h.config.ca.urls, hook=stop)
+    request = check_request(load_csr(der(device_csr(device_id)[0])), h.config.profile("device"))
+    with pytest.raises(_Interrupted):
+        failing.issue(h.devices, h.config.profile("device"), request, actor="test")
+    with session_scope(h.db) as s:
+        (row,) = [r for r in CertificateRepository(s).list(limit=100) if r.device_id == device_id]
+        s.expunge(row)
+    assert row.status is CertificateStatus.PENDING
+    return request, row
+
+
+def still_pending(h: Hierarchy, row: CertificateRecord) -> bool:
+    with session_scope(h.db) as s:
+        return CertificateRepository(s).by_serial(row.serial_hex).status is (
+            CertificateStatus.PENDING
+        )
+
+
+class TestCompleteChecksStanding:
+    def test_retry_after_issuer_revoked_signs_nothing(self, hierarchy: Hierarchy) -> None:
+        request, row = pending_row(hierarchy, "RETRY-1")
+        RevocationService(hierarchy.db, MovableClock()).revoke(
+            intermediate_serial(hierarchy), KC, actor="test", allow_guarded=True
+        )
+        with pytest.raises(PKIError) as refused:
+            hierarchy.issuance.complete(
+                hierarchy.devices, hierarchy.config.profile("device"), request, row, actor="test"
+            )
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert "is revoked (keyCompromise)" in refused.value.message
+        assert still_pending(hierarchy, row)
+
+    def test_retry_after_issuer_expired_signs_nothing(self, hierarchy: Hierarchy) -> None:
+        request, row = pending_row(hierarchy, "RETRY-2")
+        later = hierarchy.devices.certificate.not_valid_after_utc + datetime.timedelta(seconds=1)
+        issuance = IssuanceService(hierarchy.db, FixedClock(later), hierarchy.config.ca.urls)
+        with pytest.raises(PKIError) as refused:
+            issuance.complete(
+                hierarchy.devices, hierarchy.config.profile("device"), request, row, actor="test"
+            )
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert "certificate expired at" in refused.value.message
+        assert still_pending(hierarchy, row)
+
+    def test_retry_with_issuer_in_standing_completes(self, hierarchy: Hierarchy) -> None:
+        request, row = pending_row(hierarchy, "RETRY-3")
+        issued = hierarchy.issuance.complete(
+            hierarchy.devices, hierarchy.config.profile("device"), request, row, actor="test"
+        )
+        assert issued is not None and issued.serial == int(row.serial_hex, 16)
+        assert not still_pending(hierarchy, row)
+
+
+class TestRetirement:
+    def test_retired_issuer_issues_nothing_and_refusal_is_audited(
+        self, hierarchy: Hierarchy
+    ) -> None:
+        issue(hierarchy, hierarchy.issuance, "KEEP-1")
+        now = datetime.datetime.now(datetime.UTC)
+        issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        before = certificates(hierarchy)
+        with pytest.raises(PKIError) as refused:
+            issue(hierarchy, hierarchy.issuance, "AFTER-2")
+        assert refused.value.kind is ErrorKind.UNAVAILABLE
+        assert refused.value.message.startswith("issuer devices is retired since ")
+        assert refused.value.message.endswith(": it issues nothing")
+        assert certificates(hierarchy) == before
+        with session_scope(hierarchy.db) as s:
+            actions = list(
+                s.execute(
+                    select(AuditEvent.action, AuditEvent.target).where(
+                        AuditEvent.action.in_(["issuer.retired", "refused.issuance"])
+                    )
+                )
+            )
+        assert [tuple(a) for a in actions] == [
+            ("issuer.retired", "devices"),
+            ("refused.issuance", "devices"),
+        ]
+        assert list(issuer_standing.problems(hierarchy.db, now, ["devices", "root"])) == ["devices"]
+
+    def test_retire_twice_or_unknown_is_refused(self, hierarchy: Hierarchy) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        with pytest.raises(PKIError) as twice:
+            issuer_standing.retire(hierarchy.db, now, "devices", actor="admin")
+        assert twice.value.kind is ErrorKind.CONFLICT
+        with pytest.raises(PKIError) as unknown:
+            issuer_standing.retire(hierarchy.db, now, "nope", actor="admin")
+        assert unknown.value.kind is ErrorKind.NOT_FOUND
