@@ -316,7 +316,10 @@ hsm.token._Library.find_token = _spied_find_token
 
 def test_wrong_pin_is_tried_once_per_worker(dev_ca: DevCA, tmp_path: Path) -> None:
     ca = dev_ca
-    (ca.data_dir / "secrets" / "hsm-user.pin").write_text("wrong-0000\n")
+    # The CA front's token PIN (pki init --dev gives each token its own PIN file).
+    pin_file = ca.data_dir / "secrets" / "ca-user.pin"
+    assert pin_file.is_file()
+    pin_file.write_text("wrong-0000\n")
     spy_dir = tmp_path / "spy"
     spy_dir.mkdir()
     (spy_dir / "sitecustomize.py").write_text(LOGIN_SPY)
