@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import os
 import shutil
+import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 
@@ -22,6 +25,8 @@ from tests.conftest import CONFIG_DIR
 from tests.integration.conftest import DevCA
 from tests.integration.test_va_support import VAServer, issue_device, run, serve_va
 from tests.unit.pki.test_revocation_support import MovableClock
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pem_chain(ca: DevCA) -> list[x509.Certificate]:
@@ -188,15 +193,12 @@ def test_offline_root_is_left_to_import_without_failing_the_round(
     assert explicit.stderr.count("\n") == 1 and "pki crl import" in explicit.stderr
 
 
-def test_scheduler_renews_the_root_crl_before_its_next_update(
-    dev_ca: DevCA, tmp_path: Path
-) -> None:
+def renewal_rounds(config: Path, data_dir: Path) -> None:
+    """Runs scheduler rounds on a movable clock and checks the root CRL is renewed in time."""
     clock = MovableClock()
-    # Where the root is online, the scheduler may open its token ([processes] lists it).
-    config = config_copy(tmp_path, ('scheduler = ["ca", "va"]', 'scheduler = ["ca", "va", "root"]'))
-    rt = Runtime.open(config, dev_ca.data_dir, environ=dev_ca.env)
+    rt = Runtime.open(config, data_dir, environ=dict(os.environ))
     rt.clock = clock
-    obj = {"config_dir": str(config), "data_dir": str(dev_ca.data_dir), "runtime": rt}
+    obj = {"config_dir": str(config), "data_dir": str(data_dir), "runtime": rt}
     # The first round signs the root's CRL at this clock's time, not pki init's.
     with session_scope(rt.db) as s:
         s.execute(delete(CRLRecord).where(CRLRecord.issuer_id == "root"))
@@ -225,3 +227,30 @@ def test_scheduler_renews_the_root_crl_before_its_next_update(
         assert number > published[0][0] and this_update == clock.now()
     finally:
         rt.db.dispose()
+
+
+def test_scheduler_renews_the_root_crl_before_its_next_update(
+    dev_ca: DevCA, tmp_path: Path
+) -> None:
+    # Where the root is online, the scheduler may open its token ([processes] lists it).
+    config = config_copy(tmp_path, ('scheduler = ["ca", "va"]', 'scheduler = ["ca", "va", "root"]'))
+    # The rounds run in a child process: SoftHSM reads its configuration once per process, and
+    # this one keeps the token store of the unit tests.
+    child = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path;"
+            "from tests.integration.test_crl_resolve import renewal_rounds;"
+            "renewal_rounds(Path(sys.argv[1]), Path(sys.argv[2]))",
+            str(config),
+            str(dev_ca.data_dir),
+        ],
+        env=dev_ca.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert child.returncode == 0, child.stdout + child.stderr
